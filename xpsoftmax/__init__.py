@@ -1,0 +1,32 @@
+"""xpsoftmax: softmax and log-softmax with forward, backward (VJP), JVP and Jacobian on every
+array-API backend (NumPy, CuPy, PyTorch, JAX, Dask, array-api-strict), plus fused CUDA kernels.
+"""
+
+from ._api import (
+    check_vjp,
+    log_softmax,
+    log_softmax_backward,
+    log_softmax_jvp,
+    softmax,
+    softmax_backward,
+    softmax_jacobian,
+    softmax_jvp,
+)
+from ._dispatch import get_kernels, kernels, set_kernels
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "check_vjp",
+    "get_kernels",
+    "kernels",
+    "log_softmax",
+    "log_softmax_backward",
+    "log_softmax_jvp",
+    "set_kernels",
+    "softmax",
+    "softmax_backward",
+    "softmax_jacobian",
+    "softmax_jvp",
+]

@@ -1,0 +1,55 @@
+"""The one place that imports array-api-compat.
+
+Everything else in the package asks this module which namespace an array belongs to, so the
+rules for telling backends apart live here. Like array-api-compat itself, the ``is_*`` checks look
+at ``sys.modules`` and never import a framework the caller has not imported.
+"""
+
+from __future__ import annotations
+
+import array_api_compat
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_array_api_strict_namespace,
+    is_cupy_array,
+    is_dask_array,
+    is_jax_array,
+    is_numpy_array,
+    is_torch_array,
+    size,
+)
+
+__all__ = [
+    "array_api_compat",
+    "array_namespace",
+    "device",
+    "is_array_api_obj",
+    "is_array_api_strict_namespace",
+    "is_cupy_array",
+    "is_dask_array",
+    "is_jax_array",
+    "is_numpy_array",
+    "is_torch_array",
+    "is_torch_cuda_array",
+    "is_writeable_array",
+    "size",
+]
+
+
+def is_torch_cuda_array(x: object) -> bool:
+    """True for a ``torch.Tensor`` that lives on a CUDA device."""
+    return is_torch_array(x) and x.device.type == "cuda"  # type: ignore[attr-defined]
+
+
+def is_writeable_array(x: object) -> bool:
+    """True when ``x[...] = value`` writes into ``x`` (NumPy, CuPy, torch, array-api-strict).
+
+    JAX arrays are immutable and Dask arrays are lazy graphs, so neither can serve as ``out``.
+    """
+    if is_jax_array(x) or is_dask_array(x):
+        return False
+    if is_numpy_array(x):
+        return bool(x.flags.writeable)  # type: ignore[attr-defined]
+    return True
