@@ -1,10 +1,456 @@
-// Placeholder while the fused kernels are written: y = a * x.
-#include <cuda_fp16.h>
+// Fused softmax / log-softmax forward, backward (VJP) and JVP kernels: one read of each input and one
+// write of the output per element.
+//
+// Tiers (chosen in xpsoftmax/_cupy.py by row length and dtype):
+//   xps_fwd_warp / xps_bwd_warp     LANES threads per row (LANES <= 32; several rows per warp when
+//                                   LANES < 32), the row held in registers: PACKS 16-byte packs a lane.
+//   xps_fwd_block / xps_bwd_block   one block per row, the row cached in dynamic shared memory.
+//   xps_fwd_strided / xps_bwd_strided
+//                                   softmax over the middle axis of a C-contiguous (outer, n, inner)
+//                                   array: coalesced across `inner` in 32-byte column tiles, cached in
+//                                   shared memory (CACHED) or read twice (columns too long to cache).
+// Rows longer than one block can cache go to softmax_split.cu.
+//
+// Layouts: last-axis kernels see rows of n contiguous elements, row r starting at ptr + r * ld.
+// `vec` is 1 when every pointer is 16-byte aligned and every ld a multiple of the pack size, so
+// whole packs move with 16-byte loads and stores; the rest of a row moves element by element.
+// Grids are sized from the occupancy API on the host; every kernel loops over rows (grid-stride).
+#include "softmax_common.cuh"
+
+using namespace xps;
+
+// ------------------------------------------------------------------------------------------------
+// Pack helpers for the register tier.
+
+// A pack of V = 16 / sizeof(T) elements starting at column c0 (a multiple of V): one 16-byte access
+// when the pack is whole and aligned, element by element otherwise (columns >= n read as 0).
+template <typename T>
+__device__ __forceinline__ Pack<T> ld_pack(const T* __restrict__ row, int c0, int n, bool vec) {
+  constexpr int V = Vec<T>::N;
+  if (vec && c0 + V <= n) return *reinterpret_cast<const Pack<T>*>(row + c0);
+  Pack<T> pk;
+#pragma unroll
+  for (int e = 0; e < V; ++e) pk.v[e] = c0 + e < n ? row[c0 + e] : from_acc<T>(0);
+  return pk;
+}
 
 template <typename T>
-__global__ void xps_scale(const T* __restrict__ x, T* __restrict__ y, float a, long long n) {
-  for (long long i = blockIdx.x * (long long)blockDim.x + threadIdx.x; i < n;
-       i += (long long)gridDim.x * blockDim.x) {
-    y[i] = (T)(a * (float)x[i]);
+__device__ __forceinline__ void st_pack(T* __restrict__ row, int c0, int n, bool vec, const Pack<T>& pk) {
+  constexpr int V = Vec<T>::N;
+  if (vec && c0 + V <= n) {
+    *reinterpret_cast<Pack<T>*>(row + c0) = pk;
+  } else {
+#pragma unroll
+    for (int e = 0; e < V; ++e)
+      if (c0 + e < n) row[c0 + e] = pk.v[e];
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Warp tier. Block of 128 threads; each group of LANES lanes owns one row at a time. The row loop
+// bound is uniform across a warp (r0), so every lane reaches every shuffle.
+
+template <typename T, int LANES, int PACKS>
+__global__ void __launch_bounds__(128, 4)
+    xps_fwd_warp(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy,
+                 const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int log, int vec) {
+  const Mask mask{mp, mrs, mcs};
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  constexpr int RPW = 32 / LANES;
+  const int lane = threadIdx.x % LANES;
+  const int sub = (threadIdx.x % 32) / LANES;
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
+  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
+    const long long r = r0 + sub;
+    const bool valid = r < rows;
+    A v[PACKS * V];
+    unsigned inc[PACKS];
+    A M = -inf<A>();
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      inc[k] = 0u;
+      if (valid && c0 < n) {
+        const Pack<T> pk = ld_pack<T>(x + r * ldx, c0, n, vec);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          v[k * V + e] = to_acc(pk.v[e]);
+          if (c0 + e < n && mask.at(r, c0 + e)) {
+            inc[k] |= 1u << e;
+            M = nmax(M, v[k * V + e]);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) v[k * V + e] = A(0);
+      }
+    }
+    M = warp_max<LANES>(M);
+    A S = A(0);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k)
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        if ((inc[k] >> e) & 1u) S += expw(v[k * V + e], M);
+    S = warp_sum<LANES>(S);
+    const A inv = xrcp(S);
+    const A logS = xlog(S);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) {
+        Pack<T> o;
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          o.v[e] = from_acc<T>(fwd_out(v[k * V + e], M, inv, logS, log != 0, (inc[k] >> e) & 1u));
+        st_pack<T>(y + r * ldy, c0, n, vec, o);
+      }
+    }
+  }
+}
+
+template <typename T, int LANES, int PACKS>
+__global__ void __launch_bounds__(128, 4)
+    xps_bwd_warp(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg,
+                 T* __restrict__ dx, long long ldd, const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int op,
+                 int vec) {
+  const Mask mask{mp, mrs, mcs};
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  constexpr int RPW = 32 / LANES;
+  const int lane = threadIdx.x % LANES;
+  const int sub = (threadIdx.x % 32) / LANES;
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
+  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
+    const long long r = r0 + sub;
+    const bool valid = r < rows;
+    A vy[PACKS * V];
+    A vg[PACKS * V];
+    unsigned inc[PACKS];
+    A S = A(0);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      inc[k] = 0u;
+      if (valid && c0 < n) {
+        const Pack<T> py = ld_pack<T>(y + r * ldy, c0, n, vec);
+        const Pack<T> pg = ld_pack<T>(g + r * ldg, c0, n, vec);
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          vy[k * V + e] = to_acc(py.v[e]);
+          vg[k * V + e] = to_acc(pg.v[e]);
+          if (c0 + e < n && mask.at(r, c0 + e)) {
+            inc[k] |= 1u << e;
+            S += bwd_term(vy[k * V + e], vg[k * V + e], op);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) vy[k * V + e] = vg[k * V + e] = A(0);
+      }
+    }
+    S = warp_sum<LANES>(S);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) {
+        Pack<T> o;
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          o.v[e] = from_acc<T>(bwd_out(vy[k * V + e], vg[k * V + e], S, op, (inc[k] >> e) & 1u));
+        st_pack<T>(dx + r * ldd, c0, n, vec, o);
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Block tier: one block per row, the row (and its mask) cached in dynamic shared memory:
+// [ARRS arrays of n T, each padded to 16 bytes][n mask bytes, only with a mask].
+
+__device__ __forceinline__ long long pad16(long long b) { return (b + 15) & ~15LL; }
+
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, 1)
+    xps_fwd_block(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy,
+                  const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int log, int vec) {
+  const Mask mask{mp, mrs, mcs};
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ A red[64];
+  T* xs = reinterpret_cast<T*>(smem);
+  unsigned char* ms = smem + pad16((long long)n * sizeof(T));
+  const bool has_mask = mask.p != nullptr;
+  const int tid = threadIdx.x;
+  const int npk = vec ? n / V : 0;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * ldx;
+    A M = -inf<A>();
+    for (int p = tid; p < npk; p += BLOCK) {
+      const Pack<T> pk = reinterpret_cast<const Pack<T>*>(xr)[p];
+      reinterpret_cast<Pack<T>*>(xs)[p] = pk;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const bool in = mask.at(r, p * V + e);
+        if (has_mask) ms[p * V + e] = in;
+        if (in) M = nmax(M, to_acc(pk.v[e]));
+      }
+    }
+    for (int c = npk * V + tid; c < n; c += BLOCK) {
+      const T t = xr[c];
+      xs[c] = t;
+      const bool in = mask.at(r, c);
+      if (has_mask) ms[c] = in;
+      if (in) M = nmax(M, to_acc(t));
+    }
+    M = block_max<BLOCK>(M, red);
+    A S = A(0);
+    for (int c = tid; c < n; c += BLOCK)
+      if (!has_mask || ms[c]) S += expw(to_acc(xs[c]), M);
+    S = block_sum<BLOCK>(S, red);
+    const A inv = xrcp(S);
+    const A logS = xlog(S);
+    T* yr = y + r * ldy;
+    for (int p = tid; p < npk; p += BLOCK) {
+      const Pack<T> pk = reinterpret_cast<const Pack<T>*>(xs)[p];
+      Pack<T> o;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const bool in = !has_mask || ms[p * V + e];
+        o.v[e] = from_acc<T>(fwd_out(to_acc(pk.v[e]), M, inv, logS, log != 0, in));
+      }
+      reinterpret_cast<Pack<T>*>(yr)[p] = o;
+    }
+    for (int c = npk * V + tid; c < n; c += BLOCK) {
+      const bool in = !has_mask || ms[c];
+      yr[c] = from_acc<T>(fwd_out(to_acc(xs[c]), M, inv, logS, log != 0, in));
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, 1)
+    xps_bwd_block(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg,
+                  T* __restrict__ dx, long long ldd, const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int op,
+                  int vec) {
+  const Mask mask{mp, mrs, mcs};
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ A red[64];
+  const long long arr = pad16((long long)n * sizeof(T));
+  T* ys = reinterpret_cast<T*>(smem);
+  T* gs = reinterpret_cast<T*>(smem + arr);
+  unsigned char* ms = smem + 2 * arr;
+  const bool has_mask = mask.p != nullptr;
+  const int tid = threadIdx.x;
+  const int npk = vec ? n / V : 0;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* yr = y + r * ldy;
+    const T* gr = g + r * ldg;
+    A S = A(0);
+    for (int p = tid; p < npk; p += BLOCK) {
+      const Pack<T> py = reinterpret_cast<const Pack<T>*>(yr)[p];
+      const Pack<T> pg = reinterpret_cast<const Pack<T>*>(gr)[p];
+      reinterpret_cast<Pack<T>*>(ys)[p] = py;
+      reinterpret_cast<Pack<T>*>(gs)[p] = pg;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const bool in = mask.at(r, p * V + e);
+        if (has_mask) ms[p * V + e] = in;
+        if (in) S += bwd_term(to_acc(py.v[e]), to_acc(pg.v[e]), op);
+      }
+    }
+    for (int c = npk * V + tid; c < n; c += BLOCK) {
+      const T ty = yr[c];
+      const T tg = gr[c];
+      ys[c] = ty;
+      gs[c] = tg;
+      const bool in = mask.at(r, c);
+      if (has_mask) ms[c] = in;
+      if (in) S += bwd_term(to_acc(ty), to_acc(tg), op);
+    }
+    S = block_sum<BLOCK>(S, red);
+    T* dr = dx + r * ldd;
+    for (int p = tid; p < npk; p += BLOCK) {
+      const Pack<T> py = reinterpret_cast<const Pack<T>*>(ys)[p];
+      const Pack<T> pg = reinterpret_cast<const Pack<T>*>(gs)[p];
+      Pack<T> o;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        const bool in = !has_mask || ms[p * V + e];
+        o.v[e] = from_acc<T>(bwd_out(to_acc(py.v[e]), to_acc(pg.v[e]), S, op, in));
+      }
+      reinterpret_cast<Pack<T>*>(dr)[p] = o;
+    }
+    for (int c = npk * V + tid; c < n; c += BLOCK) {
+      const bool in = !has_mask || ms[c];
+      dr[c] = from_acc<T>(bwd_out(to_acc(ys[c]), to_acc(gs[c]), S, op, in));
+    }
+    __syncthreads();
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Strided tier: softmax over axis 1 of a C-contiguous (outer, n, inner) array. A tile is W = 32 bytes
+// of consecutive `inner` positions of one `outer` index; a block is W lanes across
+// the tile times TJ lanes along n (512 threads). Each column is reduced by its TJ threads, then their partials
+// are combined in a fixed order (deterministic).
+
+struct Mask3 {
+  const unsigned char* p;
+  long long so;
+  long long sj;
+  long long si;
+  __device__ __forceinline__ bool at(long long o, long long j, long long i) const {
+    return p == nullptr || p[o * so + j * sj + i * si] != 0;
+  }
+};
+
+template <typename T, bool CACHED>
+__global__ void __launch_bounds__(512, 1)
+    xps_fwd_strided(const T* __restrict__ x, T* __restrict__ y, const unsigned char* mp, long long mso, long long msj,
+                    long long msi, long long outer, int n,
+                    long long inner, int log) {
+  const Mask3 mask{mp, mso, msj, msi};
+  using A = typename AccT<T>::type;
+  constexpr int W = 32 / sizeof(T);
+  constexpr int TJ = 512 / W;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ A red_m[TJ * W];
+  __shared__ A red_s[TJ * W];
+  __shared__ A fin[2 * W];
+  T* xs = reinterpret_cast<T*>(smem);
+  unsigned char* ms = smem + pad16((long long)n * W * sizeof(T));
+  const bool has_mask = mask.p != nullptr;
+  const int tx = threadIdx.x % W;
+  const int ty = threadIdx.x / W;
+  const long long tiles_i = (inner + W - 1) / W;
+  const long long tiles = outer * tiles_i;
+  for (long long t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const long long o = t / tiles_i;
+    const long long i = (t % tiles_i) * W + tx;
+    const bool ok = i < inner;
+    const T* xc = x + o * (long long)n * inner + i;
+    T* yc = y + o * (long long)n * inner + i;
+    MS<A> st = ms_empty<A>();
+    if (ok) {
+#pragma unroll 8
+      for (int j = ty; j < n; j += TJ) {
+        const T v = xc[(long long)j * inner];
+        const bool in = mask.at(o, j, i);
+        if (CACHED) {
+          xs[j * W + tx] = v;
+          if (has_mask) ms[j * W + tx] = in;
+        }
+        if (in) st = ms_push(st, to_acc(v));
+      }
+    }
+    red_m[ty * W + tx] = st.m;
+    red_s[ty * W + tx] = st.s;
+    __syncthreads();
+    if (ty == 0) {
+      MS<A> acc = ms_empty<A>();
+      for (int q = 0; q < TJ; ++q) acc = ms_combine(acc, MS<A>{red_m[q * W + tx], red_s[q * W + tx]});
+      fin[tx] = acc.m;
+      fin[W + tx] = acc.s;
+    }
+    __syncthreads();
+    const A M = fin[tx];
+    const A S = fin[W + tx];
+    const A inv = xrcp(S);
+    const A logS = xlog(S);
+    if (ok) {
+#pragma unroll 8
+      for (int j = ty; j < n; j += TJ) {
+        A v;
+        bool in;
+        if (CACHED) {
+          v = to_acc(xs[j * W + tx]);
+          in = !has_mask || ms[j * W + tx];
+        } else {
+          v = to_acc(xc[(long long)j * inner]);
+          in = mask.at(o, j, i);
+        }
+        yc[(long long)j * inner] = from_acc<T>(fwd_out(v, M, inv, logS, log != 0, in));
+      }
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, bool CACHED>
+__global__ void __launch_bounds__(512, 1)
+    xps_bwd_strided(const T* __restrict__ y, const T* __restrict__ g, T* __restrict__ dx, const unsigned char* mp, long long mso, long long msj,
+                    long long msi,
+                    long long outer, int n, long long inner, int op) {
+  const Mask3 mask{mp, mso, msj, msi};
+  using A = typename AccT<T>::type;
+  constexpr int W = 32 / sizeof(T);
+  constexpr int TJ = 512 / W;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ A red_s[TJ * W];
+  __shared__ A fin[W];
+  const long long arr = pad16((long long)n * W * sizeof(T));
+  T* ys = reinterpret_cast<T*>(smem);
+  T* gs = reinterpret_cast<T*>(smem + arr);
+  unsigned char* ms = smem + 2 * arr;
+  const bool has_mask = mask.p != nullptr;
+  const int tx = threadIdx.x % W;
+  const int ty = threadIdx.x / W;
+  const long long tiles_i = (inner + W - 1) / W;
+  const long long tiles = outer * tiles_i;
+  for (long long t = blockIdx.x; t < tiles; t += gridDim.x) {
+    const long long o = t / tiles_i;
+    const long long i = (t % tiles_i) * W + tx;
+    const bool ok = i < inner;
+    const long long base = o * (long long)n * inner + i;
+    A S = A(0);
+    if (ok) {
+#pragma unroll 8
+      for (int j = ty; j < n; j += TJ) {
+        const T vy = y[base + (long long)j * inner];
+        const T vg = g[base + (long long)j * inner];
+        const bool in = mask.at(o, j, i);
+        if (CACHED) {
+          ys[j * W + tx] = vy;
+          gs[j * W + tx] = vg;
+          if (has_mask) ms[j * W + tx] = in;
+        }
+        if (in) S += bwd_term(to_acc(vy), to_acc(vg), op);
+      }
+    }
+    red_s[ty * W + tx] = S;
+    __syncthreads();
+    if (ty == 0) {
+      A acc = A(0);
+      for (int q = 0; q < TJ; ++q) acc += red_s[q * W + tx];
+      fin[tx] = acc;
+    }
+    __syncthreads();
+    S = fin[tx];
+    if (ok) {
+#pragma unroll 8
+      for (int j = ty; j < n; j += TJ) {
+        A vy, vg;
+        bool in;
+        if (CACHED) {
+          vy = to_acc(ys[j * W + tx]);
+          vg = to_acc(gs[j * W + tx]);
+          in = !has_mask || ms[j * W + tx];
+        } else {
+          vy = to_acc(y[base + (long long)j * inner]);
+          vg = to_acc(g[base + (long long)j * inner]);
+          in = mask.at(o, j, i);
+        }
+        dx[base + (long long)j * inner] = from_acc<T>(bwd_out(vy, vg, S, op, in));
+      }
+    }
+    __syncthreads();
   }
 }
