@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
             for tier in ("warp", "block", "split"):
                 _cupy._FORCE_TIER = tier
                 try:
-                    if _cupy.choose_tier(n, dtype, 1, False, 227 * 1024).name != tier:
+                    if _cupy.choose_tier(n, dtype, 1, False, 227 * 1024, tier).name != tier:
                         continue
                     err_f = _rel_err(xpsoftmax.softmax(xs), ref_f)
                     err_b = _rel_err(
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                         ref_b,
                     )
                     ms_f = _time(xpsoftmax.softmax, sets_f, args.repeat)
-                    bwd_tier = _cupy.choose_tier(n, dtype, 2, False, 227 * 1024).name
+                    bwd_tier = _cupy.choose_tier(n, dtype, 2, False, 227 * 1024, tier).name
                     ms_b = _time(xpsoftmax.softmax_backward, sets_b, args.repeat)
                 except Exception as exc:  # report and go on: this is a sweep
                     print(f"{dtype} N={n} tier={tier}: {type(exc).__name__}: {exc}", flush=True)

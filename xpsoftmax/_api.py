@@ -33,13 +33,14 @@ __all__ = [
 def _namespace(x: Any, name: str) -> tuple[Any, Array]:
     """The array-API namespace of ``x``; array-likes (lists, scalars) become NumPy arrays."""
     if not _compat.is_array_api_obj(x):
+        kind = type(x).__name__
         try:
             x = np.asarray(x)
         except Exception as exc:
-            msg = f"{name} must be an array or array-like, got {type(x).__name__}"
+            msg = f"{name} must be an array or array-like, got {kind}"
             raise TypeError(msg) from exc
         if x.dtype == object:
-            msg = f"{name} must be a numeric array, got an object array from {type(x).__name__}"
+            msg = f"{name} must be a numeric array, got an object array from {kind}"
             raise TypeError(msg)
     return _compat.array_namespace(x), x
 
@@ -65,9 +66,15 @@ def _same_namespace(xp: Any, a: Array, a_name: str, b: Array, b_name: str) -> Ar
     return b
 
 
+# NumPy/CuPy float dtypes, checked first: xp.isdtype is slow and this runs on every call.
+_NP_FLOATS = frozenset(np.dtype(t) for t in ("float16", "float32", "float64"))
+
+
 def _float_dtype(xp: Any, x: Array, name: str) -> Any:
     """The floating dtype the result has for input ``x``."""
     dtype = x.dtype
+    if dtype in _NP_FLOATS:
+        return dtype
     if xp.isdtype(dtype, "complex floating"):
         msg = f"{name} must be real, got complex dtype {dtype}"
         raise TypeError(msg)
@@ -101,9 +108,25 @@ def _axes(axis: Axis, ndim: int) -> tuple[int, ...]:
     return tuple(sorted(out))
 
 
-def _is_empty(shape: tuple[Any, ...]) -> bool:
+def _known(d: Any) -> bool:
     # Dask arrays of unknown chunk sizes have NaN (or None) entries in their shape.
-    return any(d == 0 for d in shape if d is not None and not (isinstance(d, float) and d != d))
+    return d is not None and not (isinstance(d, float) and d != d)
+
+
+def _is_empty(shape: tuple[Any, ...]) -> bool:
+    return any(d == 0 for d in shape if _known(d))
+
+
+def _same_shape(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Equal shapes; an unknown (Dask) size matches any size."""
+    pairs = zip(a, b, strict=False)
+    return len(a) == len(b) and all(p == q or not (_known(p) and _known(q)) for p, q in pairs)
+
+
+def _broadcasts_to(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether shape ``a`` broadcasts to shape ``b``; an unknown (Dask) size matches any size."""
+    pairs = zip(a[::-1], b[::-1], strict=False)
+    return len(a) <= len(b) and all(p in (1, q) or not (_known(p) and _known(q)) for p, q in pairs)
 
 
 def _mask(xp: Any, x: Array, where: Any) -> Array | None:
@@ -115,13 +138,12 @@ def _mask(xp: Any, x: Array, where: Any) -> Array | None:
     if not xp.isdtype(where.dtype, "bool"):
         msg = f"where must be a boolean array, got dtype {where.dtype}"
         raise TypeError(msg)
-    try:
-        shape = np.broadcast_shapes(tuple(where.shape), tuple(x.shape))
-    except ValueError:
-        shape = None
-    if shape != tuple(x.shape):
-        msg = f"where of shape {tuple(where.shape)} does not broadcast to x of shape {tuple(x.shape)}"
+    w_shape, x_shape = tuple(where.shape), tuple(x.shape)
+    if not _broadcasts_to(w_shape, x_shape):
+        msg = f"where of shape {w_shape} does not broadcast to x of shape {x_shape}"
         raise ValueError(msg)
+    if _same_shape(w_shape, x_shape):
+        return where  # nothing to broadcast (Dask cannot broadcast to unknown sizes)
     return xp.broadcast_to(where, x.shape)
 
 
@@ -133,6 +155,9 @@ def _check_out(xp: Any, out: Any, shape: tuple[Any, ...], dtype: Any, ref: Array
             f"out must be an array of the same kind as the input "
             f"({type(ref).__module__}.{type(ref).__qualname__}), got {type(out).__name__}"
         )
+        raise TypeError(msg)
+    if _compat.is_numpy_array(out) and not out.flags.writeable:
+        msg = "out is a read-only NumPy array; pass a writeable one"
         raise TypeError(msg)
     if not _compat.is_writeable_array(out):
         msg = (
@@ -162,7 +187,7 @@ def _prepare(arrays: tuple[tuple[Any, str], ...], axis: Axis, where: Any, out: A
     items = [x]
     for b, b_name in rest:
         b = _same_namespace(xp, x, x_name, b, b_name)
-        if tuple(b.shape) != tuple(x.shape):
+        if not _same_shape(tuple(b.shape), tuple(x.shape)):
             msg = (
                 f"{x_name} and {b_name} must have the same shape, got "
                 f"{tuple(x.shape)} and {tuple(b.shape)}"

@@ -1,8 +1,8 @@
 """CuPy arrays to the fused kernels of ``kernels/``: layout planning, tier choice and launches.
 
 Imported only when a CuPy array (or a CUDA tensor through DLPack) arrives. The planning half
-(:func:`plan_rows`, :func:`choose_tier`, :func:`merge_dims`) is plain Python on shapes and
-strides, so it is tested on machines without a GPU; the launch half needs a device.
+(:func:`choose_tier`, :func:`merge_dims`) is plain Python on shapes and strides, so it is
+tested on machines without a GPU; the launch half needs a device.
 
 Layouts:
 
@@ -20,6 +20,7 @@ several cooperating blocks (``kernels/softmax_split.cu``).
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -31,14 +32,20 @@ from . import _kernel_specs as specs
 from . import _kernels
 
 _DTYPES = ("float16", "float32", "float64")
+# dtype.char -> name; dtype.name is a slow Python property, and this runs on every call.
+_NAMES = {"e": "float16", "f": "float32", "d": "float64"}
 
 #: Longest row (elements) for the register tier, per dtype.
 WARP_MAX = {"float16": 1024, "float32": 1024, "float64": 512}
-#: Largest row, in bytes of all cached arrays, that the block tier caches; longer rows split.
-#: Chosen from the tier sweep in benchmarks/gpu_tune.py (see benchmarks/README.md).
-BLOCK_MAX_BYTES = 64 * 1024
-#: Target bytes of one split-row chunk per cached array.
+#: Shared memory the block tier leaves free below the device's opt-in limit (static arrays, slack).
+#: Rows whose cached arrays fit go to the block tier: the tier sweep in benchmarks/gpu_tune.py
+#: showed it at 2.5 TB/s and more up to 128 KiB rows on an H200, against about 1 TB/s for the
+#: split-row path that cached rows across cooperating blocks (since replaced).
+BLOCK_SMEM_SLACK = 4 * 1024
+#: Bytes of one split-row chunk (one block's share of a row per item).
 SPLIT_CHUNK_BYTES = 32 * 1024
+#: Grids: the occupancy API's full-device grid times this many waves, at most.
+WAVES = 16
 _SPLIT_BLOCK = 512
 _STRIDED_BLOCK = 512
 
@@ -50,7 +57,7 @@ _OP_SOFTMAX, _OP_LOG_VJP, _OP_LOG_JVP = 0, 1, 2
 
 def takes(x: Any, *, always: bool) -> bool:
     """True when the kernels handle ``x``'s dtype (float16, float32, float64)."""
-    if x.dtype.name in _DTYPES:
+    if x.dtype.char in _NAMES:
         return True
     if always:
         msg = f"XPSOFTMAX_KERNELS=always, but the kernels take float16/32/64, not {x.dtype}"
@@ -92,15 +99,18 @@ def _pad16(b: int) -> int:
     return (b + 15) & ~15
 
 
-def choose_tier(n: int, dtype: str, arrays: int, masked: bool, smem_limit: int) -> Tier:
+@functools.lru_cache(maxsize=1024)
+def choose_tier(
+    n: int, dtype: str, arrays: int, masked: bool, smem_limit: int, forced: str | None = None
+) -> Tier:
     """The tier for rows of ``n`` elements of ``dtype``.
 
-    ``arrays`` is 1 for the forward kernels and 2 for backward/JVP (two inputs cached).
+    ``arrays`` is 1 for the forward kernels and 2 for backward/JVP (two inputs cached);
+    ``forced`` names a tier to use wherever it can take the row (benchmarks and tests).
     """
     itemsize = np.dtype(dtype).itemsize
     vec = specs.VEC[dtype]
     row_bytes = arrays * _pad16(n * itemsize) + (n if masked else 0)
-    forced = _FORCE_TIER
     if (forced is None and n <= WARP_MAX[dtype]) or (forced == "warp" and n <= WARP_MAX[dtype]):
         packs_needed = -(-n // vec)
         if packs_needed <= 16:
@@ -108,8 +118,8 @@ def choose_tier(n: int, dtype: str, arrays: int, masked: bool, smem_limit: int) 
             return Tier("warp", lanes=lanes, packs=1)
         packs = next(p for p in specs.WARP_PACKS[dtype] if p * 32 >= packs_needed)
         return Tier("warp", lanes=32, packs=packs)
-    fits_block = row_bytes + 1024 <= smem_limit
-    if (forced is None and row_bytes <= BLOCK_MAX_BYTES) or (forced == "block" and fits_block):
+    fits_block = row_bytes + BLOCK_SMEM_SLACK <= smem_limit
+    if fits_block and forced in (None, "block", "warp"):
         elems = -(-n // vec)
         block = 256 if elems <= 1024 else (512 if elems <= 4096 else 1024)
         return Tier("block", block=block, smem=row_bytes)
@@ -201,11 +211,12 @@ def _launch_rows(fwd: bool, arrays: tuple[Any, ...], mask: Any | None, flag: int
     views = [_as_rows(a, n) for a in arrays]
     res, ldr = _writable_rows(out, shape, a0.dtype, arrays, n)
     mp, mrs, mcs = _mask_rows(mask, n)
-    dtype = a0.dtype.name
+    dtype = _NAMES[a0.dtype.char]
     vec = all(_is_aligned(a, ld) for a, ld in views) and _is_aligned(res, ldr)
     direction = "fwd" if fwd else "bwd"
     device = cp.cuda.runtime.getDevice()
-    tier = choose_tier(n, dtype, len(arrays), mask is not None, _kernels.max_dynamic_smem(device))
+    smem_limit = _kernels.max_dynamic_smem(device)
+    tier = choose_tier(n, dtype, len(arrays), mask is not None, smem_limit, _FORCE_TIER)
     ptrs: list[Any] = []
     for a, ld in views:
         ptrs += [a, _i64(ld)]
@@ -215,53 +226,47 @@ def _launch_rows(fwd: bool, arrays: tuple[Any, ...], mask: Any | None, flag: int
             "softmax.cu", specs.warp_name(direction, dtype, tier.lanes, tier.packs)
         )
         rows_per_block = 128 // tier.lanes
-        grid = min(-(-rows // rows_per_block), _kernels.occupancy_grid(kernel, 128, 0))
+        grid = min(-(-rows // rows_per_block), WAVES * _kernels.occupancy_grid(kernel, 128, 0))
         kernel((grid,), (128,), (*ptrs, np.int32(vec)))
     elif tier.name == "block":
         kernel = _kernels.get_function("softmax.cu", specs.block_name(direction, dtype, tier.block))
         _kernels.set_max_dynamic_smem(kernel, tier.smem)
-        grid = min(rows, _kernels.occupancy_grid(kernel, tier.block, tier.smem))
+        grid = min(rows, WAVES * _kernels.occupancy_grid(kernel, tier.block, tier.smem))
         kernel((grid,), (tier.block,), (*ptrs, np.int32(vec)), shared_mem=tier.smem)
     else:
-        _launch_split(direction, dtype, ptrs, rows, n, len(arrays), mask is not None, vec, device)
+        _launch_split(direction, dtype, ptrs, rows, n, vec)
     if out is not None and res is not out:
         out[...] = res
         return out
     return res
 
 
-def _launch_split(direction, dtype, ptrs, rows, n, arrays, masked, vec, device) -> None:
-    """The split-row tier: R groups of C cooperating blocks (see kernels/softmax_split.cu)."""
+def _launch_split(direction, dtype, ptrs, rows, n, vec) -> None:
+    """The split-row tier: two launches over (row, chunk) items (see kernels/softmax_split.cu)."""
     cp = _cp()
     itemsize = np.dtype(dtype).itemsize
     v = specs.VEC[dtype]
-    smem_limit = _kernels.max_dynamic_smem(device)
     chunk = max(v, (SPLIT_CHUNK_BYTES // itemsize) // v * v)
     C = -(-n // chunk)
-    smem = arrays * _pad16(chunk * itemsize) + (chunk if masked else 0)
-    kernel = _kernels.get_function("softmax_split.cu", specs.split_name(direction, dtype, True))
-    if smem + 1024 > smem_limit:
-        msg = f"split-row chunk of {smem} bytes does not fit shared memory ({smem_limit} bytes)"
-        raise RuntimeError(msg)
-    _kernels.set_max_dynamic_smem(kernel, smem)
-    resident = _kernels.occupancy_grid(kernel, _SPLIT_BLOCK, smem)
-    if C > resident:
-        # A row longer than all resident blocks can cache: read the input twice instead.
-        kernel = _kernels.get_function(
-            "softmax_split.cu", specs.split_name(direction, dtype, False)
-        )
-        smem = 0
-        resident = _kernels.occupancy_grid(kernel, _SPLIT_BLOCK, 0)
-        per_block = -(-n // resident)  # elements each block must take, rounded up to packs
-        chunk = -(-per_block // v) * v
-        C = -(-n // chunk)
-    groups = max(1, min(resident // C, rows))
+    items = rows * C
     acc = np.float64 if dtype == "float64" else np.float32
-    per = 2 if direction == "fwd" else 1
-    part = cp.empty(groups * 2 * C * per, dtype=acc)
-    cnt = cp.zeros(groups, dtype=np.int32)
-    args = (*ptrs, np.int32(vec), np.int32(C), np.int32(chunk), part, cnt)
-    kernel((groups * C,), (_SPLIT_BLOCK,), args, shared_mem=smem)
+    part = cp.empty(items * (2 if direction == "fwd" else 1), dtype=acc)
+    # ptrs = (inputs..., out, ld_out, mask ptr, mask strides, rows, n, flag).
+    n_in = 1 if direction == "fwd" else 2
+    inputs, rest = ptrs[: 2 * n_in], ptrs[2 * n_in :]
+    out_args, mask_args, flag = rest[:2], rest[2:5], rest[7]
+    tail = (np.int32(vec), np.int32(C), np.int32(chunk))
+    k1 = _kernels.get_function("softmax_split.cu", specs.split_name(direction, "part", dtype))
+    grid1 = min(items, 8 * _kernels.occupancy_grid(k1, _SPLIT_BLOCK, 0))
+    if direction == "fwd":
+        args1 = (*inputs, *mask_args, _i64(rows), _i32(n), *tail, part)
+    else:
+        args1 = (*inputs, *mask_args, _i64(rows), _i32(n), flag, *tail, part)
+    k1((grid1,), (_SPLIT_BLOCK,), args1)
+    k2 = _kernels.get_function("softmax_split.cu", specs.split_name(direction, "apply", dtype))
+    grid2 = min(items, 8 * _kernels.occupancy_grid(k2, _SPLIT_BLOCK, 0))
+    args2 = (*inputs, *out_args, *mask_args, _i64(rows), _i32(n), flag, *tail, part)
+    k2((grid2,), (_SPLIT_BLOCK,), args2)
 
 
 def _strided_mask(mask: Any | None, a: int) -> tuple[Any, int, int, int]:
@@ -289,7 +294,7 @@ def _launch_strided(fwd: bool, arrays, axis: int, mask, flag: int, out):
         res = out
     else:
         res = cp.empty(shape, dtype=a0.dtype)
-    dtype = a0.dtype.name
+    dtype = _NAMES[a0.dtype.char]
     itemsize = a0.itemsize
     width = 32 // itemsize
     smem = len(arrays) * _pad16(n * width * itemsize) + (n * width if mask is not None else 0)

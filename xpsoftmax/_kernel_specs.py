@@ -33,8 +33,8 @@ def strided_name(direction: str, dtype: str, cached: bool) -> str:
     return f"xps_{direction}_strided<{CTYPES[dtype]}, {'true' if cached else 'false'}>"
 
 
-def split_name(direction: str, dtype: str, cached: bool) -> str:
-    return f"xps_{direction}_split<{CTYPES[dtype]}, {'true' if cached else 'false'}>"
+def split_name(direction: str, phase: str, dtype: str) -> str:
+    return f"xps_{direction}_{phase}<{CTYPES[dtype]}>"
 
 
 def _softmax_kernels() -> list[str]:
@@ -49,11 +49,8 @@ def _softmax_kernels() -> list[str]:
 
 
 def _split_kernels() -> list[str]:
-    return [split_name(d, t, c) for d in ("fwd", "bwd") for t in CTYPES for c in (True, False)]
+    return [split_name(d, p, t) for d in ("fwd", "bwd") for p in ("part", "apply") for t in CTYPES]
 
-
-#: Files whose kernels must be launched cooperatively (all blocks resident at once).
-COOPERATIVE = frozenset({"softmax_split.cu"})
 
 #: file name in ``kernels/`` -> list of name expressions (template instantiations) it must compile.
 SOURCES: dict[str, list[str]] = {

@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ._kernel_specs import COOPERATIVE, SOURCES
+from ._kernel_specs import SOURCES
 
 __all__ = [
     "get_function",
@@ -150,9 +150,8 @@ def get_function(filename: str, name: str) -> Any:
     """The compiled kernel ``name`` of the source ``filename`` on the current CUDA device.
 
     Each kernel is compiled on first use on each device with
-    ``cupy.RawModule(code=source(filename), options=..., name_expressions=[name])`` (launched
-    cooperatively for the files in ``_kernel_specs.COOPERATIVE``) and memoized per
-    (device, file, name); CuPy's disk cache keeps the binaries across processes.
+    ``cupy.RawModule(code=source(filename), options=..., name_expressions=[name])`` and memoized
+    per (device, file, name); CuPy's disk cache keeps the binaries across processes.
     Safe to call from several threads.
 
     Parameters
@@ -209,7 +208,6 @@ def get_function(filename: str, name: str) -> Any:
                 code=source(filename),
                 options=options,
                 name_expressions=[name],
-                enable_cooperative_groups=filename in COOPERATIVE,
             )
             _modules[key] = module
             kernel = module.get_function(name)
