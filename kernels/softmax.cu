@@ -88,12 +88,18 @@ __global__ void __launch_bounds__(128, 4)
       }
     }
     M = warp_max<LANES>(M);
+    // Softmax keeps exp(x - M) in v for the output pass (one exp per element); log-softmax
+    // keeps x, since its output x - M - log(S) needs no exp.
     A S = A(0);
 #pragma unroll
     for (int k = 0; k < PACKS; ++k)
 #pragma unroll
       for (int e = 0; e < V; ++e)
-        if ((inc[k] >> e) & 1u) S += expw(v[k * V + e], M);
+        if ((inc[k] >> e) & 1u) {
+          const A ew = expw(v[k * V + e], M);
+          S += ew;
+          if (!log) v[k * V + e] = ew;
+        }
     S = warp_sum<LANES>(S);
     const A inv = xrcp(S);
     const A logS = xlog(S);
@@ -103,8 +109,12 @@ __global__ void __launch_bounds__(128, 4)
       if (valid && c0 < n) {
         Pack<T> o;
 #pragma unroll
-        for (int e = 0; e < V; ++e)
-          o.v[e] = from_acc<T>(fwd_out(v[k * V + e], M, inv, logS, log != 0, (inc[k] >> e) & 1u));
+        for (int e = 0; e < V; ++e) {
+          const bool in = (inc[k] >> e) & 1u;
+          const A val = log ? fwd_out(v[k * V + e], M, inv, logS, true, in)
+                            : (in ? v[k * V + e] * inv : A(0));
+          o.v[e] = from_acc<T>(val);
+        }
         st_pack<T>(y + r * ldy, c0, n, vec, o);
       }
     }

@@ -2,6 +2,7 @@
 array-API backend (NumPy, CuPy, PyTorch, JAX, Dask, array-api-strict), plus fused CUDA kernels.
 """
 
+from . import losses
 from ._api import (
     check_vjp,
     log_softmax,
@@ -13,17 +14,24 @@ from ._api import (
     softmax_jvp,
 )
 from ._dispatch import get_kernels, kernels, set_kernels
+from ._xent import cross_entropy, cross_entropy_backward
+from .nn import LogSoftmax, Softmax
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LogSoftmax",
+    "Softmax",
     "__version__",
     "check_vjp",
+    "cross_entropy",
+    "cross_entropy_backward",
     "get_kernels",
     "kernels",
     "log_softmax",
     "log_softmax_backward",
     "log_softmax_jvp",
+    "losses",
     "set_kernels",
     "softmax",
     "softmax_backward",

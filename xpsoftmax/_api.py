@@ -73,7 +73,8 @@ _NP_FLOATS = frozenset(np.dtype(t) for t in ("float16", "float32", "float64"))
 def _float_dtype(xp: Any, x: Array, name: str) -> Any:
     """The floating dtype the result has for input ``x``."""
     dtype = x.dtype
-    if dtype in _NP_FLOATS:
+    if isinstance(dtype, np.dtype) and dtype in _NP_FLOATS:
+        # (array-api-strict dtypes hash like NumPy's and warn when compared with them)
         return dtype
     if xp.isdtype(dtype, "complex floating"):
         msg = f"{name} must be real, got complex dtype {dtype}"

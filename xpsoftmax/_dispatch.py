@@ -94,6 +94,11 @@ def select(x: Any) -> ModuleType | None:
     The returned module has ``forward``, ``backward`` and ``jvp`` with the signatures of the
     functions in ``_generic`` plus an ``out`` argument.
     """
+    if _compat.is_numpy_array(x):
+        # NumPy arrays take the cache-blocked, multi-threaded CPU path (XPSOFTMAX_NUMPY_FAST=0 off).
+        from . import _numpy
+
+        return _numpy if _numpy.takes(x) else None
     mode = get_kernels()
     if mode == "never":
         return None

@@ -66,6 +66,10 @@ def forward(xp: Any, x: Array, axes: tuple[int, ...], mask: Array | None, log: b
     dtype = x.dtype
     z, s = _normalize(xp, _upcast(xp, x), axes, mask)
     r = z - xp.log(s) if log else xp.exp(z) / s
+    if mask is not None:
+        # Masked entries are exactly 0 (log: -inf) even in a row that a NaN poisons.
+        fill = xp.asarray(-math.inf if log else 0.0, dtype=r.dtype, device=_device(xp, r))
+        r = xp.where(mask, r, fill)
     return _downcast(xp, r, dtype)
 
 
@@ -82,7 +86,9 @@ def backward(
     left out of the sums and give exactly 0.
     """
     dtype = y.dtype
-    y, g = _upcast(xp, y), _upcast(xp, g)
+    # Masked cotangents are zeroed first, so an inf there never meets a 0 (no 0 * inf on Dask,
+    # whose compute runs outside any floating-point error state set here).
+    y, g = _upcast(xp, y), _masked(xp, _upcast(xp, g), mask)
     if log:
         p = xp.exp(y)
         dot = xp.sum(_masked(xp, g, mask), axis=axes, keepdims=True)
@@ -102,7 +108,7 @@ def jvp(xp: Any, y: Array, t: Array, axes: tuple[int, ...], mask: Array | None, 
     if not log:
         return backward(xp, y, t, axes, mask, log=False)
     dtype = y.dtype
-    y, t = _upcast(xp, y), _upcast(xp, t)
+    y, t = _upcast(xp, y), _masked(xp, _upcast(xp, t), mask)
     dot = xp.sum(_masked(xp, xp.exp(y) * t, mask), axis=axes, keepdims=True)
     return _downcast(xp, _masked(xp, t - dot, mask), dtype)
 

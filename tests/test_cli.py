@@ -1,0 +1,778 @@
+"""The ``xpsoftmax`` command: demo, info, kernels and the one-line errors.
+
+The demo and the import checks run in subprocesses (the real entry point, a clean
+``sys.modules``); the error paths run in-process through ``cli.main`` to stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.special
+
+import xpsoftmax
+from xpsoftmax import _demo, cli
+
+ROOT = Path(__file__).resolve().parent.parent
+TIMEOUT = 180  # seconds for one subprocess; the demo takes a few seconds on 2 cores
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("XPSOFTMAX_KERNELS", "XPSOFTMAX_DEBUG")}
+    env.update(extra)
+    return env
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "xpsoftmax", *args],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env() if env is None else env,
+        check=False,
+    )
+
+
+def _lines(text: str) -> dict[str, str]:
+    """The demo's ``label  text`` lines as a dict (continuation lines are skipped)."""
+    out = {}
+    for line in text.splitlines():
+        if line and not line[0].isspace():
+            label, _, rest = line.partition(" ")
+            out[label] = rest.strip()
+    return out
+
+
+def _has_gpu() -> bool:
+    try:
+        import cupy
+    except ImportError:
+        return False
+    try:
+        return bool(cupy.is_available())
+    except Exception:
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# demo
+
+
+def test_demo_default_run_passes_and_reports():
+    done = _run("demo")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stderr == ""
+    assert "Traceback" not in done.stdout
+    lines = _lines(done.stdout)
+    assert lines["xpsoftmax"].startswith(f"{xpsoftmax.__version__} demo")
+    assert re.match(r"(CPU \(\d+ cores\), NumPy|GPU \d+ \(.*\), CuPy)", lines["device"])
+    assert lines["batch"].startswith("(4096, 1000) float32 logits")
+    accuracy = float(re.search(r"accuracy ([\d.]+) %", lines["batch"]).group(1))
+    assert 50 < accuracy < 100  # a real classifier: mostly right, not trivially
+    errors = [float(e) for e in re.findall(r"error ([\d.e+-]+)", lines["forward"])]
+    assert len(errors) == 2 and all(0 <= e <= 1e-5 for e in errors)
+    errors = [float(e) for e in re.findall(r"error ([\d.e+-]+)", lines["backward"])]
+    assert len(errors) == 2 and all(0 <= e <= 1e-5 for e in errors)
+    assert lines["check_vjp"].startswith("finite differences on a (8, 64) float64 slice")
+    assert "softmax_backward True, log_softmax_backward True" in lines["check_vjp"]
+    assert "check_vjp False" in lines["shortcut"]
+    shortcut_error = float(re.search(r"gradient error ([\d.e+-]+)", lines["shortcut"]).group(1))
+    assert shortcut_error > 0.1
+    for label in ("forward", "backward", "check_vjp", "shortcut"):
+        assert lines[label].endswith("[ok]"), lines[label]
+    times = re.findall(r"(\w+) ([\d.e+-]+) ms \(([\d.e+-]+) GB/s\)", done.stdout)
+    assert [name for name, _, _ in times] == [
+        "softmax",
+        "log_softmax",
+        "softmax_backward",
+        "log_softmax_backward",
+    ]
+    assert all(float(ms) > 0 and float(gbs) > 0 for _, ms, gbs in times)
+    assert lines["result"] == "all checks passed"
+
+
+def test_demo_imports_neither_torch_nor_jax():
+    code = (
+        "import sys\n"
+        "from xpsoftmax.cli import main\n"
+        "status = main(['demo', '--rows', '64', '--classes', '10', '--repeat', '1'])\n"
+        "assert status == 0, status\n"
+        "print(sorted(m for m in ('torch', 'jax', 'dask') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, env=_env()
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_demo_float64_small_batch_in_process(capsys):
+    status = cli.main(["demo", "--device", "cpu", "--dtype", "float64", "--rows", "50"])
+    out = capsys.readouterr()
+    assert status == 0, out.out
+    lines = _lines(out.out)
+    assert lines["device"].startswith("CPU")
+    assert lines["batch"].startswith("(50, 1000) float64 logits")
+    errors = [float(e) for e in re.findall(r"error ([\d.e+-]+)", lines["forward"])]
+    assert all(e <= 1e-12 for e in errors)
+
+
+def test_demo_exit_status_1_when_a_check_fails(monkeypatch, capsys):
+    # A backward that keeps only the Jacobian's diagonal must make the demo fail.
+    monkeypatch.setattr(_demo, "softmax_backward", lambda y, dy, axis=-1: y * (1 - y) * dy)
+    status = cli.main(["demo", "--device", "cpu", "--rows", "64", "--classes", "10"])
+    out = capsys.readouterr()
+    assert status == 1
+    lines = _lines(out.out)
+    assert lines["backward"].endswith("[FAIL]")
+    assert "softmax_backward False, log_softmax_backward True" in lines["check_vjp"]
+    assert lines["check_vjp"].endswith("[FAIL]")
+    assert lines["forward"].endswith("[ok]")
+    assert lines["result"] == "SOME CHECKS FAILED"
+
+
+def test_demo_batch_is_deterministic_and_reference_matches_scipy():
+    logits, labels = _demo.make_batch(32, 7, seed=3)
+    again, labels_again = _demo.make_batch(32, 7, seed=3)
+    assert logits.shape == (32, 7) and logits.dtype == np.float64
+    assert labels.shape == (32,) and labels.min() >= 0 and labels.max() < 7
+    np.testing.assert_array_equal(logits, again)
+    np.testing.assert_array_equal(labels, labels_again)
+    assert not np.array_equal(logits, _demo.make_batch(32, 7, seed=4)[0])
+    p, ly = _demo._reference(logits)
+    np.testing.assert_allclose(p, scipy.special.softmax(logits, axis=-1), rtol=1e-14, atol=0)
+    np.testing.assert_allclose(ly, scipy.special.log_softmax(logits, axis=-1), rtol=1e-14)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs CuPy and a CUDA device")
+@pytest.mark.parametrize("mode", ["auto", "never"])
+def test_demo_on_the_gpu(mode):
+    done = _run("demo", "--device", "gpu", env=_env(XPSOFTMAX_KERNELS=mode))
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = _lines(done.stdout)
+    assert re.match(rf"GPU \d+ \(.+\), CuPy [\w.]+, kernels '{mode}'$", lines["device"])
+    for label in ("forward", "backward", "check_vjp", "shortcut"):
+        assert lines[label].endswith("[ok]"), lines[label]
+    assert lines["result"] == "all checks passed"
+
+
+@pytest.mark.skipif(_has_gpu(), reason="checks the error raised where no GPU is present")
+def test_demo_device_gpu_without_gpu_is_one_line_error():
+    done = _run("demo", "--device", "gpu")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith("xpsoftmax: error: demo: --device gpu: no CUDA device")
+
+
+# --------------------------------------------------------------------------------------------
+# info
+
+
+def test_info_reports_versions_without_importing_frameworks():
+    code = (
+        "import sys\n"
+        "from xpsoftmax.cli import main\n"
+        "status = main(['info'])\n"
+        "print('imported:', sorted(m for m in ('torch', 'jax', 'dask') if m in sys.modules))\n"
+        "raise SystemExit(status)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=TIMEOUT, env=_env()
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    rows = dict(
+        re.match(r"(\S+(?: \S+)?) {2,}(.*)", line).groups()
+        for line in done.stdout.splitlines()
+        if not line.startswith("imported:")
+    )
+    assert done.stdout.splitlines()[-1] == "imported: []"
+    assert rows["xpsoftmax"].startswith(f"{xpsoftmax.__version__} (")
+    assert rows["numpy"] == np.__version__
+    assert rows["array-api-compat"] == importlib.metadata.version("array-api-compat")
+    assert rows["torch"] == importlib.metadata.version("torch")
+    assert rows["jax"] == importlib.metadata.version("jax")
+    assert rows["dask"] == importlib.metadata.version("dask")
+    assert rows["cupy"].startswith(importlib.metadata.version("cupy-cuda13x"))
+    if _has_gpu():
+        assert re.match(r"\d+ \(0: ", rows["CUDA devices"])
+    else:
+        assert rows["CUDA devices"].startswith("none")
+    nvcc = shutil.which("nvcc")
+    assert rows["nvcc"].startswith(nvcc) if nvcc else rows["nvcc"] == "not on PATH"
+    assert rows["kernel mode"] == "auto (XPSOFTMAX_KERNELS unset)"
+    assert rows["CPUs"].startswith(f"{len(os.sched_getaffinity(0))} usable")
+
+
+def test_info_shows_kernel_mode_from_environment():
+    done = _run("info", env=_env(XPSOFTMAX_KERNELS="never"))
+    assert done.returncode == 0, done.stderr
+    assert "kernel mode       never (XPSOFTMAX_KERNELS='never')\n" in done.stdout
+
+
+def test_info_shows_kernel_mode_set_in_process(monkeypatch, capsys):
+    monkeypatch.delenv("XPSOFTMAX_KERNELS", raising=False)
+    with xpsoftmax.kernels("always"):
+        assert cli.main(["info"]) == 0
+    assert "kernel mode       always (XPSOFTMAX_KERNELS unset)\n" in capsys.readouterr().out
+
+
+def test_info_reports_an_invalid_kernel_mode():
+    done = _run("info", env=_env(XPSOFTMAX_KERNELS="sometimes"))
+    assert done.returncode == 0, done.stderr
+    assert "kernel mode       invalid (environment variable XPSOFTMAX_KERNELS must be one of" in (
+        done.stdout
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# kernels, entry points
+
+
+def test_kernels_help_is_passed_to_kcheck():
+    done = _run("kernels", "--help")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("usage: xpsoftmax kernels")
+    assert "--check" in done.stdout
+
+
+def test_console_script_is_declared():
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="xpsoftmax")
+    assert script.load() is cli.main
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out == f"xpsoftmax {xpsoftmax.__version__}\n"
+
+
+# --------------------------------------------------------------------------------------------
+# errors: one line on stderr, status 2, no traceback
+
+
+def test_unknown_subcommand_from_the_real_entry_point():
+    done = _run("frobnicate")
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.startswith(
+        "xpsoftmax: error: argument COMMAND: invalid choice: 'frobnicate'"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ([], "the following arguments are required: COMMAND"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        (["info", "--bogus"], "unrecognized arguments: --bogus"),
+        (["demo", "--rows", "0"], "argument --rows: expected a positive integer, got 0"),
+        (["demo", "--rows", "many"], "argument --rows: expected a positive integer, got 'many'"),
+        (["demo", "--classes", "1"], "demo: --classes must be at least 2, got 1"),
+        (["demo", "--dtype", "float16"], "argument --dtype: invalid choice: 'float16'"),
+        (["demo", "--device", "tpu"], "argument --device: invalid choice: 'tpu'"),
+    ],
+)
+def test_usage_errors_are_one_line_with_status_2(argv, expected, capsys):
+    assert cli.main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.count("\n") == 1
+    assert out.err.startswith("xpsoftmax: error: ")
+    assert expected in out.err
+
+
+def test_unexpected_error_is_one_line(monkeypatch, capsys):
+    def broken(**kwargs):
+        raise OSError("disk\nfull")
+
+    monkeypatch.setattr(_demo, "run", broken)
+    assert cli.main(["demo"]) == 2
+    assert capsys.readouterr().err == "xpsoftmax: error: OSError: disk\n"
+
+
+def test_debug_variable_shows_the_traceback(monkeypatch):
+    def broken(**kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(_demo, "run", broken)
+    monkeypatch.setenv("XPSOFTMAX_DEBUG", "1")
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(["demo"])
+
+
+def test_interrupt_exits_130(monkeypatch, capsys):
+    def interrupted(**kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(_demo, "run", interrupted)
+    assert cli.main(["demo"]) == 130
+    assert capsys.readouterr().err == "xpsoftmax: error: interrupted\n"
+
+
+# --------------------------------------------------------------------------------------------
+# README and CI agree
+
+
+def test_ci_runs_exactly_the_readme_test_command():
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    quick_start = readme.split("\n## Quick start\n", 1)[1]
+    block = re.search(r"```[a-z]*\n(.*?)```", quick_start, re.S).group(1)
+    install_and_demo, test = block.strip().splitlines()
+    assert install_and_demo.endswith("python -m xpsoftmax demo")
+    assert test.endswith("python -m pytest")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8").strip().splitlines()
+    assert ci[0] == "#!/usr/bin/env bash"
+    assert "set -euo pipefail" in ci
+    commands = [line for line in ci[1:] if line and not line.startswith(("#", "set ", "cd "))]
+    assert commands == [test]
+
+
+# --------------------------------------------------------------------------------------------
+# run: .npy files in, .npy file out, streamed
+
+
+def _softmax64(x, axis):
+    return scipy.special.softmax(np.asarray(x, dtype=np.float64), axis=axis)
+
+
+def _log_softmax64(x, axis):
+    return scipy.special.log_softmax(np.asarray(x, dtype=np.float64), axis=axis)
+
+
+def _reference(op, arrays, axis):
+    """float64 references: scipy for the forward ops, the VJP formulas in float64 for backward."""
+    if op == "softmax":
+        return _softmax64(arrays[0], axis)
+    if op == "log_softmax":
+        return _log_softmax64(arrays[0], axis)
+    y, dy = (np.asarray(a, dtype=np.float64) for a in arrays)
+    if op == "softmax_backward":
+        return y * (dy - np.sum(y * dy, axis=axis, keepdims=True))
+    return dy - np.exp(y) * np.sum(dy, axis=axis, keepdims=True)
+
+
+def _inputs(op, x, rng):
+    """Input arrays for ``op``: logits, or a forward output and a cotangent."""
+    if op in ("softmax", "log_softmax"):
+        return [x]
+    axis = -1
+    forward = _softmax64(x, axis) if op == "softmax_backward" else _log_softmax64(x, axis)
+    return [forward.astype(x.dtype), rng.standard_normal(x.shape).astype(x.dtype)]
+
+
+def _save(tmp_path, name, array, fortran=False):
+    path = tmp_path / name
+    np.save(path, np.asfortranarray(array) if fortran else array)
+    return str(path)
+
+
+def _listing(path):
+    return sorted(p.name for p in path.iterdir())
+
+
+OPS = ("softmax", "log_softmax", "softmax_backward", "log_softmax_backward")
+
+
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize(
+    ("shape", "axis", "fortran", "batch_mb"),
+    [
+        ((40, 30), -1, False, "0.001"),  # one block per line or so: many blocks
+        ((40, 30), 0, False, "0.001"),  # blocks of columns
+        ((5, 6, 7), 1, False, "0.0002"),  # middle axis, blocks split the last axis
+        ((5, 6, 7), -1, True, "0.0002"),  # Fortran-ordered input and output
+        ((5, 6, 7), 0, False, "32"),  # one block
+        ((50,), 0, False, "0.0001"),  # one line, larger than the budget
+    ],
+)
+def test_run_matches_reference(op, shape, axis, fortran, batch_mb, tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    x = (3 * rng.standard_normal(shape)).astype(np.float32)
+    if op.endswith("backward"):
+        x = np.moveaxis(x, axis, -1)  # make the forward output along `axis`
+        arrays = [np.moveaxis(a, -1, axis) for a in _inputs(op, x, rng)]
+    else:
+        arrays = _inputs(op, x, rng)
+    paths = [_save(tmp_path, f"in{i}.npy", a, fortran) for i, a in enumerate(arrays)]
+    out = str(tmp_path / "out.npy")
+    argv = ["run", op, *paths, "-o", out, "--axis", str(axis), "--batch-mb", batch_mb]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert captured.err == ""
+    assert captured.out.startswith(f"{op}: ")
+    assert captured.out.rstrip().endswith(f"-> {out}")
+    result = np.load(out, allow_pickle=False)
+    assert result.dtype == np.float32
+    assert result.shape == shape
+    assert np.isfortran(result) == (fortran and len(shape) > 1)
+    ref = _reference(op, arrays, axis)
+    np.testing.assert_allclose(result, ref, rtol=2e-5, atol=2e-6)
+    whole = getattr(xpsoftmax, op)(*arrays, axis=axis)
+    if fortran:  # NumPy sums a Fortran-ordered block in another order: equal to rounding
+        np.testing.assert_allclose(result, whole, rtol=1e-5, atol=1e-7)
+    else:  # streaming changes nothing: the same bytes as one in-memory call
+        np.testing.assert_array_equal(result, whole)
+    assert _listing(tmp_path) == sorted([*(os.path.basename(p) for p in paths), "out.npy"])
+
+
+@pytest.mark.parametrize(
+    ("dtype", "expected"),
+    [(np.int16, np.float64), (np.bool_, np.float64), (np.float16, np.float16), (">f8", "<f8")],
+)
+def test_run_output_dtype(dtype, expected, tmp_path, capsys):
+    x = np.arange(24).reshape(4, 6) % 5
+    path = _save(tmp_path, "x.npy", x.astype(dtype))
+    out = tmp_path / "y.npy"
+    assert cli.main(["run", "softmax", path, "-o", str(out)]) == 0
+    result = np.load(out)
+    assert result.dtype == np.dtype(expected)
+    tol = 1e-3 if expected == np.float16 else 1e-12
+    np.testing.assert_allclose(result, _softmax64(x.astype(dtype), -1), rtol=tol, atol=tol)
+
+
+def test_run_with_mask(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((6, 8))
+    mask = rng.random((6, 8)) > 0.4
+    mask[2] = False  # a fully masked row
+    mask[3] = True
+    paths = [_save(tmp_path, "x.npy", x), _save(tmp_path, "m.npy", mask)]
+    for op, fill in (("softmax", 0.0), ("log_softmax", -np.inf)):
+        out = tmp_path / f"{op}.npy"
+        argv = ["run", op, paths[0], "-o", str(out), "--where", paths[1], "--batch-mb", "1e-4"]
+        assert cli.main(argv) == 0
+        result = np.load(out)
+        assert np.all(result[~mask] == fill)
+        for row in range(6):
+            if mask[row].any():
+                ref = (_softmax64 if op == "softmax" else _log_softmax64)(x[row, mask[row]], -1)
+                np.testing.assert_allclose(result[row, mask[row]], ref, rtol=1e-12)
+    # A mask that broadcasts: one column pattern for every row.
+    column = np.array([True, False] * 4)
+    mpath = _save(tmp_path, "col.npy", column)
+    out = tmp_path / "bcast.npy"
+    assert cli.main(["run", "softmax", paths[0], "-o", str(out), "--where", mpath]) == 0
+    result = np.load(out)
+    assert np.all(result[:, ~column] == 0)
+    np.testing.assert_allclose(result[:, column], _softmax64(x[:, column], -1), rtol=1e-12)
+
+
+def test_run_empty_input(tmp_path, capsys):
+    path = _save(tmp_path, "x.npy", np.zeros((0, 5), dtype=np.float32))
+    out = tmp_path / "y.npy"
+    assert cli.main(["run", "log_softmax", path, "-o", str(out)]) == 0
+    result = np.load(out)
+    assert result.shape == (0, 5) and result.dtype == np.float32
+    assert capsys.readouterr().out.startswith("log_softmax: 0 rows of 5")
+
+
+def test_run_overwrite(tmp_path, capsys):
+    x = np.array([[0.0, np.log(3.0)]])
+    path = _save(tmp_path, "x.npy", x)
+    out = tmp_path / "y.npy"
+    out.write_bytes(b"old")
+    assert cli.main(["run", "softmax", path, "-o", str(out)]) == 2
+    assert "exists; pass --overwrite" in capsys.readouterr().err
+    assert out.read_bytes() == b"old"
+    assert cli.main(["run", "softmax", path, "-o", str(out), "--overwrite"]) == 0
+    np.testing.assert_allclose(np.load(out), [[0.25, 0.75]], rtol=1e-15)
+    assert oct(out.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+    assert _listing(tmp_path) == ["x.npy", "y.npy"]
+
+
+def test_run_failure_midway_leaves_no_output(tmp_path, monkeypatch, capsys):
+    x = np.random.default_rng(2).standard_normal((64, 16))
+    path = _save(tmp_path, "x.npy", x)
+    out = tmp_path / "y.npy"
+    out.write_bytes(b"previous result")
+    calls = []
+    real = xpsoftmax.softmax
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:  # the dtype probe, then blocks 1 and 2 succeed, block 3 fails
+            raise MemoryError("out of memory in block 3")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xpsoftmax, "softmax", failing)
+    argv = ["run", "softmax", path, "-o", str(out), "--overwrite", "--batch-mb", "0.001"]
+    assert cli.main(argv) == 2
+    assert capsys.readouterr().err == "xpsoftmax: error: MemoryError: out of memory in block 3\n"
+    assert len(calls) == 4
+    assert out.read_bytes() == b"previous result"  # the old output is untouched
+    assert _listing(tmp_path) == ["x.npy", "y.npy"]  # and no temporary file is left
+
+
+def test_run_progress_bar(tmp_path, capsys):
+    path = _save(tmp_path, "x.npy", np.zeros((300, 10)))
+    argv = ["run", "softmax", path, "-o", str(tmp_path / "y.npy"), "--batch-mb", "0.001"]
+    assert cli.main([*argv, "--progress"]) == 0
+    err = capsys.readouterr().err
+    assert "300/300" in err and "row/s" in err and "GB/s" in err
+    assert cli.main([*argv, "--overwrite", "--no-progress"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def _make_bad_files(t):
+    """The files that the error cases below refer to, in the folder ``t``."""
+    good = t / "good.npy"
+    np.save(good, np.zeros((3, 4)))
+    np.save(t / "good2.npy", np.zeros((3, 5)))
+    (t / "text.npy").write_text("not an array\n")
+    (t / "truncated.npy").write_bytes(good.read_bytes()[:-8])
+    (t / "extra.npy").write_bytes(good.read_bytes() + b"\0" * 8)
+    (t / "header.npy").write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': <f8,  }\n")
+    (t / "tiny.npy").write_bytes(b"\x93NU")
+    (t / "dir.npy").mkdir()
+    (t / "link.npy").symlink_to(good)
+    os.link(good, t / "hardlink.npy")
+    np.save(t / "objects.npy", np.array([{"a": 1}, None], dtype=object))
+    np.save(t / "complex.npy", np.zeros((3, 4), dtype=np.complex64))
+    np.save(t / "strings.npy", np.array([["a", "b"]]))
+    np.save(t / "dates.npy", np.zeros(3, dtype="datetime64[s]"))
+    np.save(t / "struct.npy", np.zeros(3, dtype=[("a", "<f8"), ("b", "<i4")]))
+    np.save(t / "intmask.npy", np.ones((3, 4), dtype=np.int8))
+    np.save(t / "mask5.npy", np.ones(5, dtype=bool))
+    np.save(t / "scalar.npy", np.float64(1.0))
+
+
+# (id, argv after "run" with {t} for the folder, a part of the expected message)
+BAD_RUNS = [
+    ("missing", "softmax {t}/nope.npy -o {t}/out.npy", "logits '{t}/nope.npy': no such file"),
+    ("directory", "softmax {t}/dir.npy -o {t}/out.npy", "dir.npy': is a directory"),
+    ("not npy", "softmax {t}/text.npy -o {t}/out.npy", "text.npy': not a .npy file"),
+    ("too short", "softmax {t}/tiny.npy -o {t}/out.npy", "tiny.npy': not a .npy file"),
+    (
+        "truncated",
+        "softmax {t}/truncated.npy -o {t}/out.npy",
+        "truncated.npy': truncated, 88 bytes of data where its header says 96",
+    ),
+    ("extra bytes", "softmax {t}/extra.npy -o {t}/out.npy", "8 unexpected bytes after the data"),
+    ("bad header", "softmax {t}/header.npy -o {t}/out.npy", "header.npy': corrupt .npy header"),
+    (
+        "pickle",
+        "softmax {t}/objects.npy -o {t}/out.npy",
+        "objects.npy': holds Python objects (a pickled array)",
+    ),
+    ("complex", "softmax {t}/complex.npy -o {t}/out.npy", "complex dtype complex64"),
+    ("strings", "softmax {t}/strings.npy -o {t}/out.npy", "dtype <U1 is not a real numeric"),
+    ("dates", "softmax {t}/dates.npy -o {t}/out.npy", "dtype datetime64[s] is not a real"),
+    ("structured", "softmax {t}/struct.npy -o {t}/out.npy", "structured dtype"),
+    (
+        "shapes",
+        "softmax_backward {t}/good.npy {t}/good2.npy -o {t}/out.npy",
+        "y has shape (3, 4) but dy has shape (3, 5)",
+    ),
+    ("one input", "softmax_backward {t}/good.npy -o {t}/out.npy", "takes 2 inputs (y, dy), got 1"),
+    (
+        "two inputs",
+        "log_softmax {t}/good.npy {t}/good.npy -o {t}/out.npy",
+        "takes 1 input (logits), got 2",
+    ),
+    (
+        "axis",
+        "softmax {t}/good.npy -o {t}/out.npy --axis 2",
+        "--axis 2 is out of range for inputs of shape (3, 4)",
+    ),
+    (
+        "axis of a scalar",
+        "softmax {t}/scalar.npy -o {t}/out.npy",
+        "--axis -1 is out of range for inputs of shape ()",
+    ),
+    (
+        "mask dtype",
+        "softmax {t}/good.npy -o {t}/out.npy --where {t}/intmask.npy",
+        "intmask.npy': dtype int8, expected bool",
+    ),
+    (
+        "mask shape",
+        "softmax {t}/good.npy -o {t}/out.npy --where {t}/mask5.npy",
+        "mask5.npy' of shape (5,) does not broadcast to (3, 4)",
+    ),
+    (
+        "mask missing",
+        "softmax {t}/good.npy -o {t}/out.npy --where {t}/nomask.npy",
+        "mask '{t}/nomask.npy': no such file",
+    ),
+    (
+        "mask is pickled",
+        "softmax {t}/good.npy -o {t}/out.npy --where {t}/objects.npy",
+        "holds Python objects",
+    ),
+    ("output is input", "softmax {t}/good.npy -o {t}/good.npy --overwrite", "is the input"),
+    (
+        "output is mask",
+        "softmax {t}/good.npy -o {t}/mask5.npy --overwrite --where {t}/mask5.npy",
+        "is the input '{t}/mask5.npy'",
+    ),
+    ("output is a symlink", "softmax {t}/good.npy -o {t}/link.npy --overwrite", "is the input"),
+    (
+        "output is a hard link",
+        "softmax {t}/good.npy -o {t}/hardlink.npy --overwrite",
+        "is the input",
+    ),
+    ("output exists", "softmax {t}/good.npy -o {t}/good2.npy", "exists; pass --overwrite"),
+    ("output directory", "softmax {t}/good.npy -o {t}/dir.npy --overwrite", "is a directory"),
+    ("no directory", "softmax {t}/good.npy -o {t}/no/out.npy", "directory '{t}/no' does not exist"),
+    ("unknown op", "softmin {t}/good.npy -o {t}/out.npy", "argument OP: invalid choice: 'softmin'"),
+    ("no output", "softmax {t}/good.npy", "the following arguments are required: -o/--output"),
+    (
+        "batch size",
+        "softmax {t}/good.npy -o {t}/out.npy --batch-mb 0",
+        "argument --batch-mb: expected a positive number, got '0'",
+    ),
+    (
+        "axis not an int",
+        "softmax {t}/good.npy -o {t}/out.npy --axis last",
+        "argument --axis: invalid int value: 'last'",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"), [c[1:] for c in BAD_RUNS], ids=[c[0] for c in BAD_RUNS]
+)
+def test_run_bad_input_is_one_line_with_status_2(argv, expected, tmp_path, capsys):
+    _make_bad_files(tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    t = str(tmp_path)
+    assert cli.main(["run", *argv.format(t=t).split()]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err.count("\n") == 1
+    assert out.err.startswith("xpsoftmax: error: ")
+    assert expected.format(t=t) in out.err
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert after == before  # nothing written, nothing left behind, nothing changed
+    assert not (tmp_path / "dir.npy").is_file()
+
+
+def test_run_bad_input_from_the_real_entry_point(tmp_path):
+    (tmp_path / "x.npy").write_bytes(b"\x93NUMPY garbage")
+    done = _run("run", "softmax", str(tmp_path / "x.npy"), "-o", str(tmp_path / "y.npy"))
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.count("\n") == 1 and "Traceback" not in done.stderr
+    assert _listing(tmp_path) == ["x.npy"]
+
+
+# --------------------------------------------------------------------------------------------
+# run on a large file: bounded memory, Ctrl-C, a crash
+
+BIG_ROWS, BIG_COLS = 131072, 1024  # 512 MiB of float32
+
+
+@pytest.fixture(scope="module")
+def big_input(tmp_path_factory):
+    """A 512 MiB float32 .npy file; mostly zeros (a sparse file, quick to make), some rows not."""
+    path = tmp_path_factory.mktemp("big") / "logits.npy"
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(BIG_ROWS, BIG_COLS))
+    rows = np.arange(0, BIG_ROWS, 4099)
+    x[rows] = np.random.default_rng(5).standard_normal((rows.size, BIG_COLS)).astype(np.float32)
+    x.flush()
+    del x
+    return path, rows
+
+
+def _start(*args: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xpsoftmax", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+
+
+def _status_kib(pid: int, field: str) -> int | None:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return None
+
+
+def _wait_for_part(folder, proc, timeout=60.0):
+    """Wait until the run's temporary file exists (the run is writing)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if any(p.name.endswith(".part") for p in folder.iterdir()):
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.002)
+    raise AssertionError("the run never started writing")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
+def test_run_streams_a_large_file_in_bounded_anonymous_memory(big_input, tmp_path):
+    path, rows = big_input
+    out = tmp_path / "probs.npy"
+    proc = _start("run", "softmax", str(path), "-o", str(out), "--batch-mb", "8")
+    peak_anon = peak_rss = 0
+    while proc.poll() is None:
+        anon, rss = _status_kib(proc.pid, "RssAnon"), _status_kib(proc.pid, "VmHWM")
+        peak_anon, peak_rss = max(peak_anon, anon or 0), max(peak_rss, rss or 0)
+        time.sleep(0.001)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 0, stderr
+    assert stdout.startswith(f"softmax: {BIG_ROWS} rows of {BIG_COLS}")
+    # Anonymous memory (heap, temporaries) stays far below the 512 MiB input and 512 MiB output;
+    # the file pages counted in RSS are page cache, not process memory.
+    assert 0 < peak_anon < 160 * 1024, f"peak RssAnon {peak_anon} KiB"
+    result = np.load(out, mmap_mode="r")
+    assert result.shape == (BIG_ROWS, BIG_COLS) and result.dtype == np.float32
+    x = np.load(path, mmap_mode="r")
+    check = np.concatenate([rows[:50], [1, 2, BIG_ROWS - 1]])
+    np.testing.assert_allclose(result[check], _softmax64(x[check], -1), rtol=1e-5, atol=1e-9)
+    del result
+    out.unlink()  # 512 MiB: do not keep it among pytest's retained temporary folders
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_run_interrupted_leaves_no_output(sig, big_input, tmp_path):
+    path, _ = big_input
+    out = tmp_path / "probs.npy"
+    proc = _start("run", "log_softmax", str(path), "-o", str(out), "--batch-mb", "1")
+    _wait_for_part(tmp_path, proc)
+    time.sleep(0.2)
+    proc.send_signal(sig)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 130, stderr
+    assert stdout == ""
+    assert stderr == "xpsoftmax: error: interrupted\n"
+    assert _listing(tmp_path) == []  # no output, no temporary file
+
+
+def test_run_killed_never_leaves_a_partial_output(big_input, tmp_path):
+    path, _ = big_input
+    out = tmp_path / "probs.npy"
+    proc = _start("run", "softmax", str(path), "-o", str(out), "--batch-mb", "1")
+    _wait_for_part(tmp_path, proc)
+    time.sleep(0.2)
+    proc.kill()
+    proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == -signal.SIGKILL
+    assert not out.exists()  # only the temporary file can be left, never a partial output
+    (part,) = tmp_path.iterdir()
+    assert part.name.startswith(".probs.npy.") and part.name.endswith(".part")
+    part.unlink()

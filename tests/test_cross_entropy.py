@@ -1,0 +1,616 @@
+"""cross_entropy and cross_entropy_backward against torch.nn.functional.cross_entropy and autograd.
+
+Every option on every backend: index and probability targets, reductions, label smoothing,
+ignore_index, ``where`` (against torch on the rows restricted to their unmasked classes), the
+upstream gradient ``dloss``, any class axis (torch's is 1, so the reference moves it there);
+limits (+inf, -inf, NaN) against float64 math; validation. The GPU tests at the end compare the
+fused CuPy kernels with the generic path.
+"""
+
+from __future__ import annotations
+
+import math
+
+import array_api_compat
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from _helpers import Backend, ref_softmax, to_numpy, xp_assert_close, xp_assert_equal
+
+import xpsoftmax
+
+REDUCTIONS = ["mean", "sum", "none"]
+
+
+def _arr(xp, a):
+    """``a`` in namespace ``xp``; Dask arrays get several chunks along every axis."""
+    x = xp.asarray(a)
+    if array_api_compat.is_dask_array(x):
+        x = x.rechunk(2)
+    return x
+
+
+def _logits(rng, shape):
+    return 2.0 * rng.standard_normal(shape)
+
+
+def _indices(rng, shape, n, ignore=None, n_ignored=0):
+    t = rng.integers(0, n, size=shape)
+    if ignore is not None and n_ignored:
+        flat = t.reshape(-1)
+        flat[rng.choice(flat.size, n_ignored, replace=False)] = ignore
+    return t
+
+
+def _probs(rng, shape, axis):
+    p = rng.random(shape) + 0.05
+    return p / p.sum(axis=axis, keepdims=True)
+
+
+def torch_ce(x, t, axis=-1, *, dloss=None, **kwargs):
+    """torch's loss and autograd gradient, with the class axis moved to torch's 1 and back."""
+    unbatched = x.ndim == 1
+    xt = x if unbatched else np.moveaxis(x, axis, 1)
+    X = torch.tensor(xt, dtype=torch.float64, requires_grad=True)
+    if np.issubdtype(t.dtype, np.integer):
+        T = torch.tensor(t, dtype=torch.int64)
+    else:
+        T = torch.tensor(t if unbatched else np.moveaxis(t, axis, 1), dtype=torch.float64)
+    loss = F.cross_entropy(X, T, **kwargs)
+    if dloss is None:
+        dloss = np.ones(tuple(loss.shape))
+    loss.backward(torch.tensor(np.asarray(dloss, dtype=np.float64)))
+    grad = X.grad.numpy()
+    return loss.detach().numpy(), grad if unbatched else np.moveaxis(grad, 1, axis)
+
+
+def _check(xp, x, t, axis=-1, *, dtype=None, dloss=None, ours=None, **kwargs):
+    """Compare loss and gradient on backend ``xp`` with torch, in float64 unless ``dtype``."""
+    dtype = xp.float64 if dtype is None else dtype
+    ref_loss, ref_grad = torch_ce(x, t, axis, dloss=dloss, **kwargs)
+    X, T = _arr(xp, x), _arr(xp, t)
+    if X.dtype != dtype:
+        X = xp.astype(X, dtype)
+    loss = xpsoftmax.cross_entropy(X, T, axis, **kwargs)
+    dl = dloss if dloss is None or np.ndim(dloss) == 0 else _arr(xp, dloss)
+    grad = xpsoftmax.cross_entropy_backward(X, T, axis, dloss=dl, **kwargs)
+    xp_assert_close(loss, ref_loss, xp=xp, dtype=dtype, err_msg="loss")
+    xp_assert_close(grad, ref_grad, xp=xp, dtype=dtype, err_msg="gradient")
+
+
+# --------------------------------------------------------------------------------------------
+# index targets
+
+
+@pytest.mark.parametrize(
+    ("label_smoothing", "ignore_index"), [(0.0, None), (0.25, -100), (0.0, 2), (1.0, None)]
+)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_index_targets_match_torch(xp, reduction, label_smoothing, ignore_index, rng):
+    x = _logits(rng, (6, 5))
+    t = _indices(rng, (6,), 5, ignore_index, n_ignored=2)
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing}
+    if ignore_index is not None:
+        kw["ignore_index"] = ignore_index
+    _check(xp, x, t, **kw)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_ignore_index_is_inactive_by_default(xp, reduction, rng):
+    # torch ignores -100 by default; here None ignores nothing, and -100 is then out of range.
+    x, t = _logits(rng, (6, 5)), np.array([0, 2, 1, 1, 4, 3])
+    _check(xp, x, t, reduction=reduction)
+    t[1] = -100
+    with pytest.raises(ValueError, match="class index -100"):
+        # to_numpy: on Dask the check runs when the graph is computed
+        to_numpy(xpsoftmax.cross_entropy(_arr(xp, x), _arr(xp, t), reduction=reduction))
+
+
+def test_every_target_ignored_gives_nan_mean_and_zero_gradient(xp, rng):
+    x, t = _logits(rng, (6, 5)), np.full(6, -100)
+    _check(xp, x, t, ignore_index=-100)  # torch: NaN loss (0 / 0), zero gradient
+    loss = xpsoftmax.cross_entropy(_arr(xp, x), _arr(xp, t), ignore_index=-100, reduction="sum")
+    xp_assert_equal(loss, np.asarray(0.0), xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize("axis", [0, -2])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_class_axis(xp, axis, kind, rng):
+    shape = (4, 3, 5)
+    x = _logits(rng, shape)
+    rest = tuple(d for i, d in enumerate(shape) if i != axis % 3)
+    if kind == "index":
+        t = _indices(rng, rest, shape[axis], -100, n_ignored=2)
+        kw = {"ignore_index": -100}
+    else:
+        t, kw = _probs(rng, shape, axis), {}
+    _check(xp, x, t, axis, reduction="none", label_smoothing=0.1, **kw)
+    _check(xp, x, t, axis, reduction="mean", label_smoothing=0.1, **kw)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_unbatched_1d(xp, kind, rng):
+    x = _logits(rng, (6,))
+    t = np.asarray(4) if kind == "index" else _probs(rng, (6,), 0)
+    for reduction in REDUCTIONS:
+        _check(xp, x, t, 0, reduction=reduction, label_smoothing=0.2)
+
+
+@pytest.mark.parametrize("target_dtype", ["uint8", "int32"])
+def test_any_integer_target_dtype(xp, target_dtype, rng):
+    x = _logits(rng, (6, 5))
+    t = _indices(rng, (6,), 5).astype(target_dtype)
+    _check(xp, x, t, label_smoothing=0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# probability targets
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_targets_match_torch(xp, reduction, label_smoothing, rng):
+    x = _logits(rng, (6, 5))
+    _check(xp, x, _probs(rng, (6, 5), -1), reduction=reduction, label_smoothing=label_smoothing)
+
+
+def test_unnormalized_probability_targets_match_torch(xp, rng):
+    # The gradient is softmax * sum(q) - q: torch's autograd, also when q does not sum to 1.
+    x, t = _logits(rng, (6, 5)), rng.random((6, 5)) * 2.0
+    _check(xp, x, t, reduction="sum", label_smoothing=0.2)
+
+
+def test_probability_targets_promote_dtype(xp, library, rng):
+    x = _logits(rng, (6, 5)).astype(np.float32)
+    t = _probs(rng, (6, 5), -1)
+    ref_loss, _ = torch_ce(x.astype(np.float64), t)
+    loss = xpsoftmax.cross_entropy(_arr(xp, x), _arr(xp, t))
+    xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------
+# dloss, dtypes
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_dloss_is_the_upstream_gradient(xp, reduction, kind, rng):
+    x = _logits(rng, (6, 5))
+    t = _indices(rng, (6,), 5, -100, 1) if kind == "index" else _probs(rng, (6, 5), -1)
+    kw = {"ignore_index": -100} if kind == "index" else {}
+    dloss = rng.standard_normal(6) if reduction == "none" else 2.5
+    _check(xp, x, t, reduction=reduction, dloss=dloss, label_smoothing=0.1, **kw)
+    # A 0-d array of the namespace works too, and for "none" a scalar applies to every sample.
+    got = xpsoftmax.cross_entropy_backward(
+        _arr(xp, x), _arr(xp, t), reduction=reduction, dloss=xp.asarray(-1.5), **kw
+    )
+    upstream = np.full(6, -1.5) if reduction == "none" else -1.5
+    _, ref_grad = torch_ce(x, t, reduction=reduction, dloss=upstream, **kw)
+    xp_assert_close(got, ref_grad, xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_low_precision(xp, library, dtype, kind, rng):
+    if dtype == "float16" and not library.has_float16:
+        pytest.skip("array-api-strict has no float16")
+    x = _logits(rng, (6, 5)).astype(dtype)
+    t = _indices(rng, (6,), 5) if kind == "index" else _probs(rng, (6, 5), -1).astype(dtype)
+    xd = x.astype(np.float64)
+    td = t if kind == "index" else t.astype(np.float64)
+    for reduction in REDUCTIONS:
+        ref_loss, ref_grad = torch_ce(xd, td, reduction=reduction, label_smoothing=0.1)
+        X, T = _arr(xp, x), _arr(xp, t)
+        loss = xpsoftmax.cross_entropy(X, T, reduction=reduction, label_smoothing=0.1)
+        grad = xpsoftmax.cross_entropy_backward(X, T, reduction=reduction, label_smoothing=0.1)
+        # Computed in float32 and rounded once: within float32 / float16 rounding of float64.
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=dtype)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=dtype)
+
+
+def test_integer_logits_promote(xp, rng):
+    x = rng.integers(-3, 4, size=(6, 5))
+    t = _indices(rng, (6,), 5)
+    ref_loss, ref_grad = torch_ce(x.astype(np.float64), t)
+    X = xp.asarray(x)
+    default = xp.__array_namespace_info__().default_dtypes()["real floating"]
+    xp_assert_close(xpsoftmax.cross_entropy(X, xp.asarray(t)), ref_loss, xp=xp, dtype=default)
+    grad = xpsoftmax.cross_entropy_backward(X, xp.asarray(t))
+    xp_assert_close(grad, ref_grad, xp=xp, dtype=default)
+
+
+def test_empty_batch(xp):
+    x, t = np.zeros((0, 4)), np.zeros((0,), dtype=np.int64)
+    for reduction in REDUCTIONS:
+        _check(xp, x, t, reduction=reduction)  # torch: mean of nothing is NaN, sum is 0
+
+
+# --------------------------------------------------------------------------------------------
+# where
+
+
+def _restricted_reference(x, t, mask, axis, reduction, eps):
+    """torch's cross_entropy on each sample's unmasked classes; gradient 0 at masked classes."""
+    xm, tm, mm = np.moveaxis(x, axis, -1), t, np.moveaxis(mask, axis, -1)
+    index = np.issubdtype(t.dtype, np.integer)
+    if not index:
+        tm = np.moveaxis(t, axis, -1)
+    rows = xm.reshape(-1, xm.shape[-1])
+    masks = mm.reshape(rows.shape)
+    targets = tm.reshape(-1) if index else tm.reshape(rows.shape)
+    X = torch.tensor(rows, requires_grad=True)
+    losses = []
+    for i in range(rows.shape[0]):
+        keep = torch.from_numpy(masks[i])
+        if not keep.any():
+            losses.append(X[i].sum() * 0.0)  # no classes: no loss
+            continue
+        if index:
+            target = torch.tensor(int(masks[i][: targets[i]].sum()))
+        else:
+            target = torch.from_numpy(targets[i][masks[i]])
+        losses.append(F.cross_entropy(X[i][keep], target, label_smoothing=eps, reduction="sum"))
+    per_sample = torch.stack(losses)
+    total = {"none": per_sample, "sum": per_sample.sum(), "mean": per_sample.mean()}[reduction]
+    total.backward(torch.ones_like(total))
+    loss = total.detach().numpy()
+    if reduction == "none":
+        loss = loss.reshape(xm.shape[:-1])
+    grad = np.moveaxis(X.grad.numpy().reshape(xm.shape), -1, axis)
+    return loss, grad
+
+
+@pytest.mark.parametrize(
+    ("reduction", "label_smoothing", "axis"),
+    [("mean", 0.2, -1), ("sum", 0.0, 0), ("none", 0.2, 0)],
+)
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_where_restricts_to_unmasked_classes(xp, kind, reduction, label_smoothing, axis, rng):
+    shape = (6, 5)
+    x = _logits(rng, shape)
+    mask = rng.random(shape) > 0.35
+    if kind == "index":
+        mm = np.moveaxis(mask, axis, -1)
+        mm[:, 0] = True  # every sample keeps a class
+        t = np.array([rng.choice(np.flatnonzero(row)) for row in mm])
+    else:
+        np.moveaxis(mask, axis, -1)[-1] = False  # one fully masked sample: loss 0, gradient 0
+        t = _probs(rng, shape, axis)  # mass on masked classes is dropped
+    ref_loss, ref_grad = _restricted_reference(x, t, mask, axis, reduction, label_smoothing)
+    X, T, M = _arr(xp, x), _arr(xp, t), _arr(xp, mask)
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing, "where": M}
+    loss = xpsoftmax.cross_entropy(X, T, axis, **kw)
+    grad = xpsoftmax.cross_entropy_backward(X, T, axis, **kw)
+    xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+    xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+    assert np.all(to_numpy(grad)[~mask] == 0.0)
+
+
+def test_where_with_ignore_index_and_broadcast_mask(xp, rng):
+    x = _logits(rng, (6, 5))
+    mask = np.array([True, False, True, True, True])  # broadcasts over the samples
+    t = np.array([0, 2, -1, 3, 2, 4])
+    kw = {"where": _arr(xp, mask), "ignore_index": -1, "label_smoothing": 0.3}
+    loss = xpsoftmax.cross_entropy(_arr(xp, x), _arr(xp, t), **kw)
+    # Reference: drop class 1 and the ignored sample, then torch on what is left.
+    keep = t != -1
+    t_kept = np.array([[0, -1, 1, 2, 3][c] for c in t[keep]])
+    ref_loss, _ = torch_ce(x[keep][:, mask], t_kept, label_smoothing=0.3)
+    xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+
+
+def test_target_on_masked_class_is_an_error(xp, library, rng):
+    if library is Backend.DASK:
+        pytest.skip("Dask arrays are lazy: target values are not read")
+    x, mask = _logits(rng, (2, 3)), np.array([[True, False, True], [True, True, True]])
+    with pytest.raises(ValueError, match="masks out"):
+        xpsoftmax.cross_entropy(_arr(xp, x), _arr(xp, np.array([1, 1])), where=_arr(xp, mask))
+
+
+# --------------------------------------------------------------------------------------------
+# limits: +inf, -inf, NaN follow log_softmax (torch gives NaN for rows with +inf)
+
+
+def _ref_limits(x, t, eps):
+    """Float64 math from the log_softmax reference: loss and gradient of reduction "sum"."""
+    ly = ref_softmax(x, -1, log=True)
+    n = x.shape[-1]
+    q = np.full(x.shape, eps / n)
+    q[np.arange(x.shape[0]), t] += 1.0 - eps
+    with np.errstate(invalid="ignore"):
+        terms = np.where(q == 0, 0.0, q * ly)
+    loss = -terms.sum(axis=-1)
+    grad = ref_softmax(x, -1) - q
+    return loss, grad
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+def test_limits_follow_log_softmax(xp, label_smoothing):
+    inf, nan = math.inf, math.nan
+    x = np.array(
+        [
+            [1.0, inf, 0.0, inf],  # target on +inf: log 2 (with smoothing: inf)
+            [1.0, inf, 0.0, 2.0],  # target off +inf: inf
+            [inf, inf, inf, inf],  # all +inf: log 4 with or without smoothing
+            [-inf, 1.0, 2.0, 0.0],  # -inf entry: finite loss unless smoothing
+            [0.0, nan, 1.0, 1.0],  # NaN row
+            [-inf, -inf, -inf, -inf],  # all -inf: NaN, as torch
+        ]
+    )
+    t = np.array([1, 0, 2, 1, 0, 0])
+    ref_loss, ref_grad = _ref_limits(x, t, label_smoothing)
+    X, T = _arr(xp, x), _arr(xp, t)
+    kw = {"reduction": "none", "label_smoothing": label_smoothing}
+    xp_assert_close(xpsoftmax.cross_entropy(X, T, **kw), ref_loss, xp=xp, dtype=xp.float64)
+    xp_assert_close(xpsoftmax.cross_entropy_backward(X, T, **kw), ref_grad, xp=xp, dtype=xp.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# lazy and traced backends
+
+
+def test_dask_stays_lazy(library, rng):
+    if library is not Backend.DASK:
+        pytest.skip("Dask only")
+    import dask
+
+    xp = library.namespace()
+    x = _arr(xp, _logits(rng, (6, 5)))
+    t = _arr(xp, np.array([0, 1, 2, 3, -100, 1]))
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("computed a Dask graph")
+
+    with dask.config.set(scheduler=refuse):
+        loss = xpsoftmax.cross_entropy(x, t, ignore_index=-100, label_smoothing=0.1)
+        grad = xpsoftmax.cross_entropy_backward(x, t, ignore_index=-100, where=x > -10)
+    ref_loss, ref_grad = torch_ce(
+        np.asarray(x.compute()), np.asarray(t.compute()), ignore_index=-100, label_smoothing=0.1
+    )
+    xp_assert_close(loss, ref_loss, xp=xp, dtype="float64")
+    _, ref_grad = torch_ce(np.asarray(x.compute()), np.asarray(t.compute()), ignore_index=-100)
+    xp_assert_close(grad, ref_grad, xp=xp, dtype="float64")
+
+
+def test_jax_jit(library, rng):
+    if library is not Backend.JAX:
+        pytest.skip("JAX only")
+    import jax
+
+    xp = library.namespace()
+    x, t = _logits(rng, (6, 5)), np.array([0, 2, -100, 1, 1, 4])
+    kw = {"ignore_index": -100, "label_smoothing": 0.2, "reduction": "mean"}
+    loss = jax.jit(lambda a, b: xpsoftmax.cross_entropy(a, b, **kw))(xp.asarray(x), xp.asarray(t))
+    grad = jax.jit(lambda a, b: xpsoftmax.cross_entropy_backward(a, b, **kw))(
+        xp.asarray(x), xp.asarray(t)
+    )
+    ref_loss, ref_grad = torch_ce(x, t, **kw)
+    xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+    xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+    # and jax's own autodiff of our loss agrees with our backward
+    auto = jax.grad(lambda a: xpsoftmax.cross_entropy(a, xp.asarray(t), **kw))(xp.asarray(x))
+    xp_assert_close(auto, ref_grad, xp=xp, dtype=xp.float64)
+
+
+# --------------------------------------------------------------------------------------------
+# validation
+
+
+@pytest.mark.parametrize("func", [xpsoftmax.cross_entropy, xpsoftmax.cross_entropy_backward])
+def test_validation_errors(func):
+    x = np.zeros((3, 4))
+    t = np.array([0, 1, 2])
+    cases = [
+        ((x, torch.tensor([0, 1, 2])), {}, TypeError, "same array library"),
+        ((x, np.array([0, 1])), {}, ValueError, r"without axis -1, \(3,\), got \(2,\)"),
+        ((x, np.zeros((3, 5))), {}, ValueError, r"probability targets must have the shape"),
+        ((x, np.array([True, False, True])), {}, TypeError, "dtype bool"),
+        ((x, np.array([0, 4, 1])), {}, ValueError, "class index 4, out of range for 4 classes"),
+        ((x, np.array([0, -1, 1])), {}, ValueError, "class index -1"),
+        ((x, t), {"label_smoothing": -0.1}, ValueError, r"label_smoothing must be in \[0, 1\]"),
+        ((x, t), {"label_smoothing": 1.5}, ValueError, "label_smoothing"),
+        ((x, t), {"label_smoothing": math.nan}, ValueError, "label_smoothing"),
+        ((x, t), {"label_smoothing": "0.1"}, TypeError, "label_smoothing"),
+        ((x, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
+        ((x, t), {"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
+        ((x, np.full((3, 4), 0.25)), {"ignore_index": -100}, ValueError, "only to class-index"),
+        ((x, t, (0, 1)), {}, TypeError, "axis must be a single int"),
+        ((x, t, 2), {}, ValueError, "out of bounds"),
+        ((np.float64(1.0), np.int64(0)), {}, ValueError, "at least one dimension"),
+        ((x + 1j, t), {}, TypeError, "complex"),
+        ((x, t), {"where": np.ones(3, dtype=bool)}, ValueError, "where of shape"),
+    ]
+    for args, kwargs, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            func(*args, **kwargs)
+
+
+def test_dloss_validation():
+    x, t = np.zeros((3, 4)), np.array([0, 1, 2])
+    f = xpsoftmax.cross_entropy_backward
+    with pytest.raises(ValueError, match=r"dloss must be a scalar for reduction='mean'"):
+        f(x, t, dloss=np.ones(3))
+    with pytest.raises(ValueError, match=r"a scalar or of shape \(3,\)"):
+        f(x, t, reduction="none", dloss=np.ones(4))
+    with pytest.raises(TypeError, match="same array library"):
+        f(x, t, reduction="none", dloss=torch.ones(3))
+
+
+# --------------------------------------------------------------------------------------------
+# GPU: the fused kernels against the generic path on CuPy
+
+
+def _cupy():
+    try:
+        import cupy
+    except ImportError:
+        pytest.skip("CuPy is not installed")
+    if not cupy.is_available():
+        pytest.skip("no CUDA device")
+    return cupy
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Names of the cross-entropy kernels fetched through the loader during the test."""
+    from xpsoftmax import _kernels
+
+    calls = []
+    original = _kernels.get_function
+
+    def spy(filename, name):
+        if filename == "cross_entropy.cu":
+            calls.append(name)
+        return original(filename, name)
+
+    monkeypatch.setattr(_kernels, "get_function", spy)
+    return calls
+
+
+def _both_paths(func, *args, **kwargs):
+    fused = func(*args, **kwargs)
+    with xpsoftmax.kernels("never"):
+        generic = func(*args, **kwargs)
+    return fused, generic
+
+
+_GPU_TOL = {"float64": (1e-12, 1e-14), "float32": (2e-5, 1e-6), "float16": (2e-3, 1e-4)}
+
+
+def _gpu_close(cupy, a, b, dtype, err_msg=""):
+    assert isinstance(a, cupy.ndarray), type(a)
+    assert a.dtype == b.dtype == np.dtype(dtype), (a.dtype, b.dtype)
+    assert a.shape == b.shape, (a.shape, b.shape)
+    rtol, atol = _GPU_TOL[dtype]
+    np.testing.assert_allclose(
+        cupy.asnumpy(a).astype(np.float64),
+        cupy.asnumpy(b).astype(np.float64),
+        rtol=rtol,
+        atol=atol,
+        equal_nan=True,
+        err_msg=err_msg,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("n", [1, 2, 33, 1000, 4097, 50257])
+def test_gpu_kernel_matches_generic(n, dtype, kernel_calls):
+    cupy = _cupy()
+    rng = np.random.default_rng(n)
+    rows = 37
+    x = cupy.asarray(_logits(rng, (rows, n)).astype(dtype))
+    t_np = rng.integers(0, n, size=rows)
+    t_np[::5] = -100
+    t = cupy.asarray(t_np)
+    for reduction in REDUCTIONS:
+        for eps in (0.0, 0.1):
+            for ignore in (None, -100):
+                tt = t if ignore is not None else cupy.asarray(np.where(t_np < 0, 0, t_np))
+                kw = {"reduction": reduction, "label_smoothing": eps, "ignore_index": ignore}
+                msg = f"{kw}"
+                fused, generic = _both_paths(xpsoftmax.cross_entropy, x, tt, **kw)
+                _gpu_close(cupy, fused, generic, dtype, "loss " + msg)
+                dloss = cupy.asarray(rng.standard_normal(rows)) if reduction == "none" else 0.7
+                fused, generic = _both_paths(
+                    xpsoftmax.cross_entropy_backward, x, tt, dloss=dloss, **kw
+                )
+                _gpu_close(cupy, fused, generic, dtype, "grad " + msg)
+    ctype = {"float16": "__half", "float32": "float", "float64": "double"}[dtype]
+    assert f"xps_xent_fwd<{ctype}>" in kernel_calls
+    assert f"xps_xent_bwd<{ctype}>" in kernel_calls
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_matches_torch_float64(kernel_calls):
+    cupy = _cupy()
+    rng = np.random.default_rng(7)
+    x, t = _logits(rng, (64, 1000)), _indices(rng, (64,), 1000, -100, 5)
+    kw = {"reduction": "mean", "label_smoothing": 0.1, "ignore_index": -100}
+    ref_loss, ref_grad = torch_ce(x, t, **kw)
+    loss = xpsoftmax.cross_entropy(cupy.asarray(x), cupy.asarray(t), **kw)
+    grad = xpsoftmax.cross_entropy_backward(cupy.asarray(x), cupy.asarray(t), **kw)
+    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-12)
+    np.testing.assert_allclose(cupy.asnumpy(grad), ref_grad, rtol=1e-10, atol=1e-15)
+    assert kernel_calls
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gpu_kernel_limits(dtype, kernel_calls):
+    cupy = _cupy()
+    inf, nan = math.inf, math.nan
+    x = np.array(
+        [
+            [1.0, inf, 0.0, inf],
+            [1.0, inf, 0.0, 2.0],
+            [inf, inf, inf, inf],
+            [-inf, 1.0, 2.0, 0.0],
+            [0.0, nan, 1.0, 1.0],
+            [-inf, -inf, -inf, -inf],
+            [nan, 0.0, 0.0, 0.0],  # ignored: loss 0, gradient 0
+        ]
+    )
+    t = np.array([1, 0, 2, 1, 0, 0, -1])
+    X, T = cupy.asarray(x.astype(dtype)), cupy.asarray(t)
+    for eps in (0.0, 0.1):
+        kw = {"reduction": "none", "label_smoothing": eps, "ignore_index": -1}
+        fused, generic = _both_paths(xpsoftmax.cross_entropy, X, T, **kw)
+        _gpu_close(cupy, fused, generic, dtype, f"loss eps={eps}")
+        fused, generic = _both_paths(xpsoftmax.cross_entropy_backward, X, T, **kw)
+        _gpu_close(cupy, fused, generic, dtype, f"grad eps={eps}")
+        assert cupy.all(fused[-1] == 0)
+    assert kernel_calls
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_layouts_and_reproducible(kernel_calls):
+    cupy = _cupy()
+    rng = np.random.default_rng(3)
+    base = cupy.asarray(_logits(rng, (5, 6, 301)))
+    views = {
+        "3-D": base,
+        "offset": base[:, :, 1:],
+        "strided rows": base[::2],
+        "transposed": cupy.swapaxes(cupy.asarray(_logits(rng, (301, 40))), 0, 1),
+    }
+    for name, x in views.items():
+        t = cupy.asarray(rng.integers(0, x.shape[-1], size=x.shape[:-1]))
+        for reduction in REDUCTIONS:
+            kw = {"reduction": reduction, "label_smoothing": 0.05}
+            fused, generic = _both_paths(xpsoftmax.cross_entropy, x, t, **kw)
+            _gpu_close(cupy, fused, generic, "float64", f"loss {name}")
+            fused, generic = _both_paths(xpsoftmax.cross_entropy_backward, x, t, **kw)
+            _gpu_close(cupy, fused, generic, "float64", f"grad {name}")
+            again = xpsoftmax.cross_entropy_backward(x, t, **kw)
+            assert cupy.array_equal(again, fused), f"not reproducible: {name}"
+    assert kernel_calls
+
+
+@pytest.mark.gpu
+def test_gpu_generic_options_on_cupy(kernel_calls):
+    # axis != -1, where and probability targets run the generic path on CuPy arrays.
+    cupy = _cupy()
+    rng = np.random.default_rng(5)
+    x = _logits(rng, (4, 6, 3))
+    t = _indices(rng, (4, 3), 6)
+    p = _probs(rng, (4, 6, 3), 1)
+    mask = np.ones((4, 6, 3), dtype=bool)
+    mask[:, 5] = False
+    t[t == 5] = 0
+    for args, kw in [
+        ((x, t, 1), {"label_smoothing": 0.1}),
+        ((x, p, 1), {"label_smoothing": 0.1}),
+        ((x, t, 1), {"where": mask}),
+    ]:
+        ref_loss = xpsoftmax.cross_entropy(*args, **kw)
+        ref_grad = xpsoftmax.cross_entropy_backward(*args, **kw)
+        gargs = (cupy.asarray(args[0]), cupy.asarray(args[1]), args[2])
+        gkw = {k: cupy.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+        loss = xpsoftmax.cross_entropy(*gargs, **gkw)
+        grad = xpsoftmax.cross_entropy_backward(*gargs, **gkw)
+        assert isinstance(grad, cupy.ndarray)
+        np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-12)
+        np.testing.assert_allclose(cupy.asnumpy(grad), ref_grad, rtol=1e-10, atol=1e-15)
+    assert not kernel_calls

@@ -1,0 +1,428 @@
+"""softmax and log_softmax: values against SciPy, JAX and float64 math; dtypes, limits, where, out."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import array_api_compat
+import numpy as np
+import pytest
+import scipy.special
+from _helpers import (
+    Backend,
+    dtype_name,
+    ref_softmax,
+    tolerance,
+    to_numpy,
+    xp_assert_close,
+    xp_assert_equal,
+)
+
+import xpsoftmax
+
+FORWARD = [
+    pytest.param(xpsoftmax.softmax, scipy.special.softmax, False, id="softmax"),
+    pytest.param(xpsoftmax.log_softmax, scipy.special.log_softmax, True, id="log_softmax"),
+]
+# Every axis of a 3-D array, negative axes, tuples in any order, all axes and None.
+AXES = [-1, 0, 1, 2, -2, -3, (0, 2), (2, 0), (-1, 1), (0, 1, 2), None]
+SHAPE = (3, 4, 5)
+# Known issue: the NumPy floating-point warnings that the NumPy path silences (overflow of
+# -max - max, a float32 -> float16 cast to -inf) escape when Dask computes the graph later.
+DASK_WARNS = "overflow RuntimeWarning at Dask compute time (x - max, float16 cast)"
+
+
+def _logits(rng: np.random.Generator, shape=SHAPE, dtype="float64") -> np.ndarray:
+    return (3.0 * rng.standard_normal(shape)).astype(dtype)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("axis", AXES)
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_matches_scipy(xp, func, ref, log, axis, dtype, rng):
+    x = _logits(rng, dtype=dtype)
+    result = func(xp.asarray(x), axis=axis)
+    xp_assert_close(result, ref(x.astype(np.float64), axis=axis), xp=xp, dtype=getattr(xp, dtype))
+
+
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_default_axis_is_last(xp, func, ref, log, rng):
+    x = _logits(rng)
+    xp_assert_close(func(xp.asarray(x)), ref(x, axis=-1), xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize("axis", [np.int64(1), (np.int32(0), 2)])
+def test_numpy_integer_axis(xp, axis, rng):
+    x = _logits(rng)
+    expected = scipy.special.softmax(x, axis=tuple(int(a) for a in np.atleast_1d(axis)))
+    xp_assert_close(xpsoftmax.softmax(xp.asarray(x), axis=axis), expected, xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+@pytest.mark.parametrize("axis", [None, ()])
+def test_zero_dimensional(xp, func, ref, log, axis):
+    # Normalizing over no axis (or all axes of a 0-d array) gives 1 (log: 0), as in SciPy.
+    result = func(xp.asarray(2.5, dtype=xp.float64), axis=axis)
+    xp_assert_close(result, ref(np.asarray(2.5), axis=axis), xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.skip_xp_backends(Backend.ARRAY_API_STRICT, reason="the standard has no float16")
+@pytest.mark.parametrize("axis", [-1, (0, 2), None])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_float16_against_float64(xp, func, ref, log, axis, rng):
+    x = _logits(rng, dtype="float16")
+    result = func(xp.asarray(x), axis=axis)
+    xp_assert_close(result, ref(x.astype(np.float64), axis=axis), xp=xp, dtype="float16")
+
+
+@pytest.mark.skip_xp_backends(Backend.ARRAY_API_STRICT, reason="the standard has no float16")
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_float16_accumulates_in_float32(xp, func, ref, log):
+    # 70000 equal logits: a float16 sum of exp would overflow (max 65504) and give 0 (log -inf).
+    n = 70_000
+    result = func(xp.asarray(np.zeros((1, n), dtype=np.float16)))
+    expected = np.full((1, n), -math.log(n) if log else 1.0 / n)
+    xp_assert_close(result, expected, xp=xp, dtype="float16")
+    assert np.all(np.isfinite(to_numpy(result)))
+    if not log:
+        assert to_numpy(result)[0, 0] > 0
+
+
+@pytest.mark.skip_xp_backends(Backend.ARRAY_API_STRICT, reason="the standard has no float16")
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_float16_near_max(xp, library, func, ref, log, request):
+    if library is Backend.DASK and log:
+        request.applymarker(pytest.mark.xfail(reason=DASK_WARNS, strict=True))
+    x = np.array([[65504.0, 65504.0, -65504.0, 0.0], [65504.0, 65000.0, 60000.0, -1.0]], "float16")
+    expected = ref(x.astype(np.float64), axis=-1)
+    with np.errstate(over="ignore"):
+        expected16 = expected.astype(np.float16)  # -131008.7 rounds to -inf in float16
+    result = func(xp.asarray(x))
+    xp_assert_close(result, expected16, xp=xp, dtype="float16")
+    assert not np.any(np.isnan(to_numpy(result)))
+
+
+@pytest.mark.skip_xp_backends(
+    Backend.NUMPY,
+    Backend.ARRAY_API_STRICT,
+    Backend.JAX,
+    Backend.DASK,
+    reason="bfloat16 is tested on torch only",
+)
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_bfloat16_torch(xp, func, ref, log, rng):
+    import torch
+
+    x = _logits(rng, shape=(4, 6))
+    t = torch.asarray(x, dtype=torch.bfloat16)
+    result = func(t)
+    expected = ref(t.to(torch.float64).numpy(), axis=-1)
+    xp_assert_close(result, expected, xp=xp, dtype=torch.bfloat16)
+
+
+def _default_float_name(library: Backend) -> str:
+    if library is Backend.TORCH:
+        import torch
+
+        return dtype_name(torch.get_default_dtype())
+    return "float64"  # NumPy, array-api-strict, Dask, and JAX with jax_enable_x64
+
+
+@pytest.mark.parametrize("int_dtype", ["int8", "int32", "int64", "uint8", "bool"])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_int_and_bool_promote_to_default_float(xp, library, func, ref, log, int_dtype, rng):
+    x = rng.integers(0, 2 if int_dtype == "bool" else 5, size=(3, 4)).astype(int_dtype)
+    result = func(xp.asarray(x))
+    expected_dtype = _default_float_name(library)
+    xp_assert_close(
+        result,
+        ref(x.astype(np.float64), axis=-1),
+        xp=xp,
+        dtype=expected_dtype,
+        **tolerance(expected_dtype),
+    )
+
+
+@pytest.mark.skip_xp_backends(
+    Backend.NUMPY,
+    Backend.ARRAY_API_STRICT,
+    Backend.JAX,
+    Backend.DASK,
+    reason="only torch has a settable default dtype",
+)
+def test_int_follows_torch_default_dtype(xp):
+    import torch
+
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        result = xpsoftmax.softmax(torch.arange(4))
+    finally:
+        torch.set_default_dtype(previous)
+    xp_assert_close(result, scipy.special.softmax(np.arange(4.0)), xp=xp, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_neg_inf_entries_exact(xp, func, ref, log, dtype, rng):
+    x = _logits(rng, shape=(4, 6), dtype=dtype)
+    x[0, [1, 4]] = -np.inf
+    x[2, :5] = -np.inf
+    x[3, 0] = -np.inf
+    result = func(xp.asarray(x))
+    xp_assert_close(result, ref(x.astype(np.float64), axis=-1), xp=xp, dtype=getattr(xp, dtype))
+    r = to_numpy(result)
+    hit = np.isneginf(x)
+    if log:
+        assert np.all(np.isneginf(r[hit]))
+    else:
+        assert np.all(r[hit] == 0.0)
+    assert r[2, 5] == (0.0 if log else 1.0)  # a single finite entry takes all the mass, exactly
+
+
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_nan_poisons_only_its_row(xp, func, ref, log, axis, rng):
+    x = _logits(rng, shape=(4, 5))
+    x[1, 2] = np.nan
+    result = to_numpy(func(xp.asarray(x), axis=axis))
+    poisoned = np.zeros(x.shape, bool)
+    if axis == -1:
+        poisoned[1, :] = True
+    else:
+        poisoned[:, 2] = True
+    assert np.all(np.isnan(result[poisoned]))
+    assert np.all(np.isfinite(result[~poisoned]))
+    clean = x.copy()
+    clean[1, 2] = 0.0
+    np.testing.assert_allclose(
+        result[~poisoned], ref(clean, axis=axis)[~poisoned], **tolerance("float64")
+    )
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("axis", [-1, 0, (0, 1), None])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_posinf_row_gives_even_split(xp, func, ref, log, axis, dtype):
+    x = np.array(
+        [
+            [np.inf, 1.0, np.inf, -np.inf, 0.0],
+            [1.0, 2.0, 3.0, 4.0, 5.0],
+            [np.inf, -np.inf, 0.0, 1e30, -1e30],
+            [-2.0, np.inf, np.inf, np.inf, 7.0],
+        ],
+        dtype=dtype,
+    )
+    result = func(xp.asarray(x), axis=axis)
+    assert not np.any(np.isnan(to_numpy(result)))
+    if not log:
+        # The limit as the +inf entries grow together: replace them by a huge finite value.
+        huge = np.where(np.isposinf(x), 1e300, x.astype(np.float64))
+        expected = scipy.special.softmax(huge, axis=axis)
+        xp_assert_close(result, expected, xp=xp, dtype=getattr(xp, dtype))
+    xp_assert_close(result, ref_softmax(x, axis, log=log), xp=xp, dtype=getattr(xp, dtype))
+
+
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_all_neg_inf_row_is_nan(xp, func, ref, log):
+    x = np.array([[-np.inf, -np.inf, -np.inf], [0.0, 1.0, 2.0]])
+    result = to_numpy(func(xp.asarray(x)))
+    assert np.all(np.isnan(result[0]))
+    np.testing.assert_allclose(result[1], ref(x[1]), **tolerance("float64"))
+    # torch agrees that such a row is NaN (SciPy too, with a warning).
+    import torch
+
+    fn = torch.log_softmax if log else torch.softmax
+    assert torch.isnan(fn(torch.asarray(x), dim=-1)[0]).all()
+
+
+@pytest.mark.xfail_xp_backends(Backend.DASK, reason=DASK_WARNS)
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_extreme_finite_values(xp, func, ref, log, dtype):
+    big = float(np.finfo(dtype).max)
+    tiny = float(np.finfo(dtype).smallest_subnormal)
+    x = np.array(
+        [
+            [1e30, 0.0, -1e30, 1e30],
+            [-1e30, -1e30, -1e30, -1e30],
+            [big, -big, 0.0, big],
+            [tiny, -tiny, 0.0, 2 * tiny],
+        ],
+        dtype=dtype,
+    )
+    expected = ref_softmax(x, -1, log=log)
+    with np.errstate(over="ignore"):
+        expected = expected.astype(dtype)  # log-softmax of -big - big overflows to -inf
+    result = func(xp.asarray(x))
+    xp_assert_close(result, expected, xp=xp, dtype=getattr(xp, dtype))
+    assert not np.any(np.isnan(to_numpy(result)))
+
+
+# ------------------------------------------------------------------------------------------
+# where
+
+
+def _jax_reference(x, axis, where, log):
+    import jax
+    import jax.numpy as jnp
+
+    fn = jax.nn.log_softmax if log else jax.nn.softmax
+    where = None if where is None else jnp.asarray(np.broadcast_to(where, x.shape))
+    return np.asarray(fn(jnp.asarray(x, dtype=jnp.float64), axis=axis, where=where))
+
+
+def _mask_case(rng: np.random.Generator, case: str) -> np.ndarray:
+    if case == "full":
+        mask = rng.random(SHAPE) < 0.6
+        mask[0, 1, :] = False  # a fully masked row along the last axis
+        mask[2, :, 3] = False  # a fully masked column along axis 1
+        mask[1] = False  # fully masked for any tuple axis that includes 1 and 2
+        return mask
+    if case == "row":
+        return np.array([True, False, True, True, False])  # broadcasts from the last axis
+    if case == "column":
+        return np.array([[True], [False], [True], [False]])  # shape (4, 1)
+    if case == "batch":
+        return np.array([True, False, True]).reshape(3, 1, 1)  # whole rows masked
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["full", "row", "column", "batch"])
+@pytest.mark.parametrize("axis", [-1, 1, (0, 2), None])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_where_matches_jax(xp, func, ref, log, axis, case, rng):
+    x = _logits(rng)
+    mask = _mask_case(rng, case)
+    result = func(xp.asarray(x), axis=axis, where=xp.asarray(mask))
+    xp_assert_close(result, _jax_reference(x, axis, mask, log), xp=xp, dtype=xp.float64)
+    r = to_numpy(result)
+    off = ~np.broadcast_to(mask, x.shape)
+    assert np.all(np.isneginf(r[off])) if log else np.all(r[off] == 0.0)
+    assert not np.any(np.isnan(r))
+    xp_assert_close(result, ref_softmax(x, axis, where=mask, log=log), xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_where_ignores_masked_nan_and_inf(xp, func, ref, log, rng):
+    x = _logits(rng, shape=(3, 5))
+    mask = np.ones(x.shape, bool)
+    x[0, 1], x[1, 3], x[2, 0] = np.nan, np.inf, -np.inf
+    mask[0, 1] = mask[1, 3] = mask[2, 0] = False
+    result = func(xp.asarray(x), where=xp.asarray(mask))
+    clean = np.where(mask, x, 0.0)
+    xp_assert_close(result, _jax_reference(clean, -1, mask, log), xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_where_unmasked_nan_keeps_masked_entries(xp, func, ref, log):
+    # A NaN in an unmasked entry poisons the unmasked entries of its row; masked entries stay
+    # exactly 0 (log: -inf), as in jax.nn.softmax(where=...).
+    x = np.array([[1.0, np.nan, 3.0], [1.0, -np.inf, -np.inf], [0.0, 1.0, 2.0]])
+    mask = np.array([[True, True, False], [False, True, True], [True, True, True]])
+    result = func(xp.asarray(x), where=xp.asarray(mask))
+    xp_assert_close(result, _jax_reference(x, -1, mask, log), xp=xp, dtype=xp.float64)
+    xp_assert_close(result, ref_softmax(x, where=mask, log=log), xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize("value", [True, False])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_where_scalar(xp, func, ref, log, value, rng):
+    x = _logits(rng, shape=(2, 3))
+    expected = ref(x, axis=-1) if value else np.full(x.shape, -np.inf if log else 0.0)
+    for where in (value, xp.asarray(value)):
+        result = func(xp.asarray(x), where=where)
+        xp_assert_close(result, expected, xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.skip_xp_backends(
+    Backend.ARRAY_API_STRICT,
+    Backend.TORCH,
+    Backend.JAX,
+    Backend.DASK,
+    reason="array-likes are converted with NumPy, so they go with NumPy inputs",
+)
+def test_array_likes_are_converted(xp):
+    result = xpsoftmax.softmax([[0.0, math.log(3.0)]], where=[True, True])
+    xp_assert_close(result, np.array([[0.25, 0.75]]))
+    result = xpsoftmax.log_softmax([1, 1], where=[True, False])
+    xp_assert_equal(result, np.array([0.0, -np.inf]), xp=xp, dtype=xp.float64)
+
+
+# ------------------------------------------------------------------------------------------
+# out
+
+
+@pytest.mark.skip_xp_backends(Backend.JAX, Backend.DASK, reason="immutable or lazy: no out=")
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_out_is_written_and_returned(xp, func, ref, log, dtype, rng):
+    x = _logits(rng, dtype=dtype)
+    out = xp.full(SHAPE, 7.0, dtype=getattr(xp, dtype))
+    result = func(xp.asarray(x), axis=(0, 2), out=out)
+    assert result is out
+    xp_assert_close(out, ref(x.astype(np.float64), axis=(0, 2)), xp=xp, dtype=getattr(xp, dtype))
+
+
+@pytest.mark.skip_xp_backends(Backend.JAX, Backend.DASK, reason="immutable or lazy: no out=")
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_out_with_where_and_int_input(xp, library, func, ref, log):
+    x = np.array([[1, 2, 3], [4, 5, 6]])
+    mask = np.array([True, False, True])
+    dtype = getattr(xp, _default_float_name(library))
+    out = xp.full(x.shape, 7.0, dtype=dtype)
+    result = func(xp.asarray(x), where=xp.asarray(mask), out=out)
+    assert result is out
+    expected = ref_softmax(x, where=mask, log=log)
+    xp_assert_close(out, expected, xp=xp, dtype=dtype, **tolerance(dtype))
+
+
+@pytest.mark.skip_xp_backends(Backend.JAX, Backend.DASK, reason="immutable or lazy: no out=")
+@pytest.mark.parametrize("axis", [-1, 0, None])
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_out_aliasing_input(xp, func, ref, log, axis, rng):
+    x_np = _logits(rng)
+    x = xp.asarray(x_np.copy())
+    result = func(x, axis=axis, out=x)
+    assert result is x
+    xp_assert_close(x, ref(x_np, axis=axis), xp=xp, dtype=xp.float64)
+
+
+# ------------------------------------------------------------------------------------------
+# empty inputs, namespace and device
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"),
+    [
+        ((0,), -1),
+        ((0,), None),
+        ((0, 5), -1),
+        ((0, 5), 0),
+        ((3, 0), -1),
+        ((3, 0), 0),
+        ((2, 0, 4), (0, 2)),
+        ((2, 0, 4), 1),
+        ((2, 3, 0), None),
+    ],
+)
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_empty(xp, func, ref, log, shape, axis):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = func(xp.zeros(shape, dtype=xp.float32), axis=axis)
+        xp_assert_equal(result, np.empty(shape), xp=xp, dtype=xp.float32)
+        mask = xp.zeros(shape, dtype=xp.bool)
+        result = func(xp.zeros(shape, dtype=xp.int64), axis=axis, where=mask)
+        assert tuple(result.shape) == shape
+        assert array_api_compat.array_namespace(result) is xp
+        assert xp.isdtype(result.dtype, "real floating")
+
+
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_result_on_input_device(xp, func, ref, log, rng):
+    x = xp.asarray(_logits(rng))
+    result = func(x, axis=1, where=xp.asarray(np.array([True, False, True, True]))[:, None])
+    assert array_api_compat.array_namespace(result) is xp
+    assert array_api_compat.device(result) == array_api_compat.device(x)

@@ -1,0 +1,5 @@
+"""``python -m xpsoftmax``: the same command as the ``xpsoftmax`` console script."""
+
+from .cli import main
+
+raise SystemExit(main())
