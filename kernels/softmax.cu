@@ -50,10 +50,76 @@ __device__ __forceinline__ void st_pack(T* __restrict__ row, int c0, int n, bool
 // Warp tier. Block of 128 threads; each group of LANES lanes owns one row at a time. The row loop
 // bound is uniform across a warp (r0), so every lane reaches every shuffle.
 
+// Two bodies, chosen per dtype from measurements on an H200 (benchmarks/results, 2026-11-27):
+//   *_packed    issues all of a row's loads first and keeps the row as loaded; float32 rows of
+//               512-1024 went from 81 % / 69 % to 93 % / 82 % of copy bandwidth (forward) and the
+//               backward to 99 %, because loads no longer wait one latency each.
+//   *_converted converts each pack to float as it arrives and keeps the converted row (and, for
+//               softmax, exp(x - M)); for float16 it was 15-20 % faster than *_packed, which
+//               must convert every element again in each pass and becomes compute-bound.
 template <typename T, int LANES, int PACKS>
-__global__ void __launch_bounds__(128, 4)
-    xps_fwd_warp(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy,
-                 const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int log, int vec) {
+__device__ __forceinline__ void fwd_warp_packed(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy, const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int log, int vec) {
+  const Mask mask{mp, mrs, mcs};
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  constexpr int RPW = 32 / LANES;
+  const int lane = threadIdx.x % LANES;
+  const int sub = (threadIdx.x % 32) / LANES;
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
+  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
+    const long long r = r0 + sub;
+    const bool valid = r < rows;
+    unsigned inc[PACKS];
+    // All loads first, then the arithmetic: with a use between two loads the compiler keeps
+    // them in order, and a row of PACKS packs would wait PACKS memory latencies. The row stays
+    // in registers as loaded (no converted copy, which would double the registers).
+    Pack<T> pk[PACKS];
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) pk[k] = ld_pack<T>(x + r * ldx, c0, n, vec);
+    }
+    A M = -inf<A>();
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      inc[k] = 0u;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (valid && c0 + e < n && mask.at(r, c0 + e)) {
+          inc[k] |= 1u << e;
+          M = nmax(M, to_acc(pk[k].v[e]));
+        }
+      }
+    }
+    M = warp_max<LANES>(M);
+    A S = A(0);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k)
+#pragma unroll
+      for (int e = 0; e < V; ++e)
+        if ((inc[k] >> e) & 1u) S += expw(to_acc(pk[k].v[e]), M);
+    S = warp_sum<LANES>(S);
+    const A inv = xrcp(S);
+    const A logS = xlog(S);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) {
+        Pack<T> o;
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          o.v[e] = from_acc<T>(
+              fwd_out(to_acc(pk[k].v[e]), M, inv, logS, log != 0, (inc[k] >> e) & 1u));
+        st_pack<T>(y + r * ldy, c0, n, vec, o);
+      }
+    }
+  }
+}
+
+template <typename T, int LANES, int PACKS>
+__device__ __forceinline__ void fwd_warp_converted(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy, const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int log, int vec) {
   const Mask mask{mp, mrs, mcs};
   using A = typename AccT<T>::type;
   constexpr int V = Vec<T>::N;
@@ -123,9 +189,69 @@ __global__ void __launch_bounds__(128, 4)
 
 template <typename T, int LANES, int PACKS>
 __global__ void __launch_bounds__(128, 4)
-    xps_bwd_warp(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg,
-                 T* __restrict__ dx, long long ldd, const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int op,
-                 int vec) {
+    xps_fwd_warp(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy,
+                 const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int log, int vec) {
+  if constexpr (sizeof(T) == 2)
+    fwd_warp_converted<T, LANES, PACKS>(x, ldx, y, ldy, mp, mrs, mcs, rows, n, log, vec);
+  else
+    fwd_warp_packed<T, LANES, PACKS>(x, ldx, y, ldy, mp, mrs, mcs, rows, n, log, vec);
+}
+
+template <typename T, int LANES, int PACKS>
+__device__ __forceinline__ void bwd_warp_packed(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg, T* __restrict__ dx, long long ldd, const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int op, int vec) {
+  const Mask mask{mp, mrs, mcs};
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  constexpr int RPW = 32 / LANES;
+  const int lane = threadIdx.x % LANES;
+  const int sub = (threadIdx.x % 32) / LANES;
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
+  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
+    const long long r = r0 + sub;
+    const bool valid = r < rows;
+    unsigned inc[PACKS];
+    Pack<T> py[PACKS];
+    Pack<T> pg[PACKS];
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {  // all loads first, as in xps_fwd_warp
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) {
+        py[k] = ld_pack<T>(y + r * ldy, c0, n, vec);
+        pg[k] = ld_pack<T>(g + r * ldg, c0, n, vec);
+      }
+    }
+    A S = A(0);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      inc[k] = 0u;
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        if (valid && c0 + e < n && mask.at(r, c0 + e)) {
+          inc[k] |= 1u << e;
+          S += bwd_term(to_acc(py[k].v[e]), to_acc(pg[k].v[e]), op);
+        }
+      }
+    }
+    S = warp_sum<LANES>(S);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) {
+        Pack<T> o;
+#pragma unroll
+        for (int e = 0; e < V; ++e)
+          o.v[e] = from_acc<T>(
+              bwd_out(to_acc(py[k].v[e]), to_acc(pg[k].v[e]), S, op, (inc[k] >> e) & 1u));
+        st_pack<T>(dx + r * ldd, c0, n, vec, o);
+      }
+    }
+  }
+}
+
+template <typename T, int LANES, int PACKS>
+__device__ __forceinline__ void bwd_warp_converted(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg, T* __restrict__ dx, long long ldd, const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int op, int vec) {
   const Mask mask{mp, mrs, mcs};
   using A = typename AccT<T>::type;
   constexpr int V = Vec<T>::N;
@@ -175,6 +301,17 @@ __global__ void __launch_bounds__(128, 4)
       }
     }
   }
+}
+
+template <typename T, int LANES, int PACKS>
+__global__ void __launch_bounds__(128, 4)
+    xps_bwd_warp(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg,
+                 T* __restrict__ dx, long long ldd, const unsigned char* mp, long long mrs, long long mcs, long long rows, int n, int op,
+                 int vec) {
+  if constexpr (sizeof(T) == 2)
+    bwd_warp_converted<T, LANES, PACKS>(y, ldy, g, ldg, dx, ldd, mp, mrs, mcs, rows, n, op, vec);
+  else
+    bwd_warp_packed<T, LANES, PACKS>(y, ldy, g, ldg, dx, ldd, mp, mrs, mcs, rows, n, op, vec);
 }
 
 // ------------------------------------------------------------------------------------------------
