@@ -215,7 +215,7 @@ def _forward(x, axis, where, out, log):
     if _is_empty(tuple(x.shape)):
         return _empty(xp, x, dtype, out)
     with np.errstate(all="ignore"):
-        kernels = _dispatch.select(x)
+        kernels = _dispatch.select(x, axes)
         if kernels is not None:
             return _finish(xp, kernels.forward(xp, x, axes, mask, log, out), out)
         return _finish(xp, _generic.forward(xp, x, axes, mask, log), out)
@@ -226,7 +226,7 @@ def _backward(y, g, axis, where, out, log, names, jvp):
     if _is_empty(tuple(y.shape)):
         return _empty(xp, y, dtype, out)
     with np.errstate(all="ignore"):
-        kernels = _dispatch.select(y)
+        kernels = _dispatch.select(y, axes)
         if kernels is not None:
             if jvp:
                 r = kernels.jvp(xp, y, g, axes, mask, log, out)

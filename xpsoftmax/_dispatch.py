@@ -88,8 +88,11 @@ def _cupy_importable() -> bool:
     return importlib.util.find_spec("cupy") is not None
 
 
-def select(x: Any) -> ModuleType | None:
-    """The kernel module that takes ``x`` (the first array argument), or None for the generic path.
+def select(x: Any, axes: tuple[int, ...] | None = None) -> ModuleType | None:
+    """The module that takes ``x`` (the first array argument), or None for the generic path.
+
+    ``axes`` (the normalized softmax axes) lets Dask arrays whose softmax axes are unsplit run
+    block by block.
 
     The returned module has ``forward``, ``backward`` and ``jvp`` with the signatures of the
     functions in ``_generic`` plus an ``out`` argument.
@@ -99,6 +102,12 @@ def select(x: Any) -> ModuleType | None:
         from . import _numpy
 
         return _numpy if _numpy.takes(x) else None
+    if axes is not None and _compat.is_dask_array(x):
+        # Unsplit softmax axes: each block holds whole rows and goes through the public functions
+        # (NumPy fast path or CuPy kernels per block); split axes need the generic reductions.
+        from . import _dask
+
+        return _dask if _dask.takes(x, axes) else None
     mode = get_kernels()
     if mode == "never":
         return None
