@@ -16,6 +16,7 @@ Import them in a test module with ``from _helpers import Backend, xp_assert_clos
 from __future__ import annotations
 
 import enum
+import functools
 import importlib
 import math
 from typing import Any
@@ -47,7 +48,7 @@ class Backend(enum.Enum):
 
     @property
     def id(self) -> str:
-        """Short name used in test ids: ``numpy``, ``array_api_strict``, ``torch``, ``jax``, ``dask``."""
+        """The name in test ids: numpy, array_api_strict, torch, jax or dask."""
         return self.value.split(".")[0]
 
     def namespace(self) -> Any:
@@ -280,9 +281,29 @@ def torch_softmax(t: Any, axis: int | tuple[int, ...] | None, *, log: bool = Fal
     return fn(flat, dim=-1).reshape(moved.shape).permute(tuple(np.argsort(perm).tolist()))
 
 
-def jax_softmax(a: Any, axis: int | tuple[int, ...] | None, *, where: Any = None, log: bool = False):
+def jax_softmax(
+    a: Any, axis: int | tuple[int, ...] | None, *, where: Any = None, log: bool = False
+):
     """``jax.nn.softmax`` / ``jax.nn.log_softmax`` (``where`` semantics as in our specification)."""
     import jax
 
     fn = jax.nn.log_softmax if log else jax.nn.softmax
     return fn(a, axis=axis, where=where)
+
+
+def cached_reference(fn):
+    """Memoize a reference computation whose arguments are hashable (dtype names, axes, flags).
+
+    References (torch autograd, JAX) are computed once per parameter set and shared by the five
+    backends. Every call returns fresh copies, so a test may modify what it gets.
+    """
+    cached = functools.lru_cache(maxsize=None)(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any) -> Any:
+        out = cached(*args)
+        if isinstance(out, tuple):
+            return tuple(np.array(a) for a in out)
+        return np.array(out)
+
+    return wrapper

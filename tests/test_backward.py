@@ -12,9 +12,10 @@ import pytest
 import torch
 from _helpers import (
     Backend,
+    cached_reference,
     jax_softmax,
-    tolerance,
     to_numpy,
+    tolerance,
     torch_softmax,
     xp_assert_close,
     xp_assert_equal,
@@ -28,6 +29,14 @@ BACKWARD = [
 ]
 AXES = [-1, 0, 1, -2, (0, 2), (2, 1), (0, 1, 2), None]
 SHAPE = (3, 4, 5)
+# Fixed data, so that the references are computed once and shared by the five backends.
+_RNG = np.random.default_rng(20250101)
+X = 3.0 * _RNG.standard_normal(SHAPE)
+G = _RNG.standard_normal(SHAPE)
+MASK = _RNG.random(SHAPE) < 0.6
+MASK[0, 1, :] = False  # fully masked row along the last axis
+MASK[2, :, 3] = False  # fully masked along axis 1
+MASK[1] = False  # fully masked for the tuple axes and (partly) for None
 
 
 def _torch_vjp(x: np.ndarray, g: np.ndarray, axis, log: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -39,6 +48,21 @@ def _torch_vjp(x: np.ndarray, g: np.ndarray, axis, log: bool) -> tuple[np.ndarra
     return y.numpy(), dx.numpy()
 
 
+def _torch_masked_vjp(x: np.ndarray, g: np.ndarray, where: np.ndarray, log: bool):
+    """(forward output, input gradient) of softmax over the unmasked entries of the last axis,
+    by torch autograd: masked logits are replaced by -inf through torch.where (so they get no
+    gradient) and fully masked rows, which have no softmax, are all 0 (log: -inf) with 0
+    gradient, as in the specification."""
+    keep = torch.asarray(np.broadcast_to(where, x.shape).copy())
+    empty = ~keep.any(dim=-1, keepdim=True)
+    t = torch.asarray(x, dtype=torch.float64).requires_grad_(True)
+    z = torch.where(keep & ~empty, t, torch.where(empty, 0.0, -torch.inf))
+    fill = -torch.inf if log else 0.0
+    out = torch.where(keep, torch_softmax(z, -1, log=log), fill)
+    out.backward(torch.where(keep, torch.asarray(g), 0.0))
+    return out.detach().numpy(), torch.where(keep, t.grad, 0.0).numpy()
+
+
 def _jax_vjp(x: np.ndarray, g: np.ndarray, axis, log: bool, where=None):
     """(forward output, input gradient) from jax.vjp, in float64."""
     w = None if where is None else jnp.asarray(np.broadcast_to(where, x.shape))
@@ -47,44 +71,46 @@ def _jax_vjp(x: np.ndarray, g: np.ndarray, axis, log: bool, where=None):
     return np.array(y), np.array(dx)  # writeable copies (torch warns on read-only arrays)
 
 
-def _inputs(rng, dtype="float64", shape=SHAPE):
-    x = (3.0 * rng.standard_normal(shape)).astype(dtype)
-    g = rng.standard_normal(shape).astype(dtype)
-    return x, g
+@cached_reference
+def _torch_ref(dtype: str, axis, log: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(y, dx) in float64 for X and G rounded to ``dtype``."""
+    return _torch_vjp(X.astype(dtype).astype(np.float64), G.astype(dtype), axis, log)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
-def test_matches_torch_autograd(xp, func, log, axis, dtype, rng):
-    x, g = _inputs(rng, dtype)
-    y, dx = _torch_vjp(x, g, axis, log)
-    result = func(xp.asarray(y.astype(dtype)), xp.asarray(g), axis=axis)
+def test_matches_torch_autograd(xp, func, log, axis, dtype):
+    y, dx = _torch_ref(dtype, axis, log)
+    result = func(xp.asarray(y.astype(dtype)), xp.asarray(G.astype(dtype)), axis=axis)
     xp_assert_close(result, dx, xp=xp, dtype=getattr(xp, dtype))
+
+
+@cached_reference
+def _jax_ref(axis, log: bool, masked: bool) -> tuple[np.ndarray, np.ndarray]:
+    return _jax_vjp(X, G, axis, log, where=MASK if masked else None)
 
 
 @pytest.mark.parametrize("axis", [-1, (0, 2), None])
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
-def test_matches_jax_vjp(xp, func, log, axis, rng):
-    x, g = _inputs(rng)
-    y, dx = _jax_vjp(x, g, axis, log)
-    result = func(xp.asarray(y), xp.asarray(g), axis=axis)
+def test_matches_jax_vjp(xp, func, log, axis):
+    y, dx = _jax_ref(axis, log, False)
+    result = func(xp.asarray(y), xp.asarray(G), axis=axis)
     xp_assert_close(result, dx, xp=xp, dtype=xp.float64)
 
 
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
-def test_default_axis_is_last(xp, func, log, rng):
-    x, g = _inputs(rng)
-    y, dx = _torch_vjp(x, g, -1, log)
-    xp_assert_close(func(xp.asarray(y), xp.asarray(g)), dx, xp=xp, dtype=xp.float64)
+def test_default_axis_is_last(xp, func, log):
+    y, dx = _torch_ref("float64", -1, log)
+    xp_assert_close(func(xp.asarray(y), xp.asarray(G)), dx, xp=xp, dtype=xp.float64)
 
 
 @pytest.mark.skip_xp_backends(Backend.ARRAY_API_STRICT, reason="the standard has no float16")
 @pytest.mark.parametrize("axis", [-1, (0, 2)])
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
-def test_float16_against_float64(xp, func, log, axis, rng):
-    x, g = _inputs(rng, "float16")
-    y, dx = _torch_vjp(x.astype(np.float64), g.astype(np.float64), axis, log)
+def test_float16_against_float64(xp, func, log, axis):
+    y, dx = _torch_ref("float16", axis, log)
+    g = G.astype(np.float16)
     result = func(xp.asarray(y.astype(np.float16)), xp.asarray(g), axis=axis)
     # y is rounded to float16 (relative 5e-4) before the row sums: allow that, scaled by |g| <= 4.
     xp_assert_close(result, dx, xp=xp, dtype="float16", rtol=2e-3, atol=4e-3)
@@ -92,20 +118,23 @@ def test_float16_against_float64(xp, func, log, axis, rng):
 
 @pytest.mark.parametrize(
     ("y_dtype", "g_dtype", "expected"),
-    [("float32", "float64", "float64"), ("float64", "float32", "float64"), ("float64", "int64", "float64")],
+    [
+        ("float32", "float64", "float64"),
+        ("float64", "float32", "float64"),
+        ("float64", "int64", "float64"),
+    ],
 )
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
-def test_mixed_dtypes_promote(xp, func, log, y_dtype, g_dtype, expected, rng):
-    x, _ = _inputs(rng)
-    g = rng.integers(-3, 4, size=SHAPE).astype(g_dtype)
-    y, dx = _torch_vjp(x.astype(y_dtype).astype(np.float64), g.astype(np.float64), -1, log)
+def test_mixed_dtypes_promote(xp, func, log, y_dtype, g_dtype, expected):
+    g = np.round(3 * G).astype(g_dtype)
+    y, dx = _torch_vjp(X.astype(y_dtype).astype(np.float64), g.astype(np.float64), -1, log)
     result = func(xp.asarray(y.astype(y_dtype)), xp.asarray(g))
     xp_assert_close(result, dx, xp=xp, dtype=getattr(xp, expected), **tolerance("float32"))
 
 
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
-def test_neg_inf_logits(xp, func, log, rng):
-    x, g = _inputs(rng, shape=(4, 6))
+def test_neg_inf_logits(xp, func, log):
+    x, g = X.reshape(6, 10)[:4, :6].copy(), G.reshape(6, 10)[:4, :6].copy()
     x[0, [1, 4]] = -np.inf
     x[2, :5] = -np.inf
     y, dx = _torch_vjp(x, g, -1, log)
@@ -117,14 +146,10 @@ def test_neg_inf_logits(xp, func, log, rng):
 @pytest.mark.parametrize("axis", [-1, 1, (0, 2), None])
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
 def test_where_matches_jax(xp, func, log, axis, rng):
-    x, g = _inputs(rng)
-    mask = rng.random(SHAPE) < 0.6
-    mask[0, 1, :] = False  # fully masked row along the last axis
-    mask[2, :, 3] = False  # fully masked along axis 1
-    mask[1] = False  # fully masked for the tuple axes and (partly) for None
-    y, dx = _jax_vjp(x, g, axis, log, where=mask)
+    mask = MASK
+    y, dx = _jax_ref(axis, log, True)
     # Masked cotangents must not matter: make them inf and NaN in what we pass.
-    dirty = np.where(mask, g, np.where(rng.random(SHAPE) < 0.5, np.inf, np.nan))
+    dirty = np.where(mask, G, np.where(rng.random(SHAPE) < 0.5, np.inf, np.nan))
     result = func(xp.asarray(y), xp.asarray(dirty), axis=axis, where=xp.asarray(mask))
     xp_assert_close(result, dx, xp=xp, dtype=xp.float64)
     r = to_numpy(result)
@@ -133,24 +158,25 @@ def test_where_matches_jax(xp, func, log, axis, rng):
 
 
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
-def test_where_broadcasting_and_fully_masked(xp, func, log, rng):
-    x, g = _inputs(rng, shape=(3, 5))
+def test_where_broadcasting_and_fully_masked(xp, func, log):
+    x, g = X[0, :3, :], G[0, :3, :]
     mask = np.array([[True, False, True, True, False], [False] * 5, [True] * 5])
     for where in (mask, mask[:1]):  # full shape, and (1, 5) broadcast over the rows
-        y, dx = _jax_vjp(x, g, -1, log, where=where)
+        y, dx = _torch_masked_vjp(x, g, where, log)
         result = func(xp.asarray(y), xp.asarray(g), where=xp.asarray(where))
         xp_assert_close(result, dx, xp=xp, dtype=xp.float64)
-    result = func(xp.asarray(np.full((2, 3), -np.inf if log else 0.0)), xp.asarray(g[:2, :3]), where=False)
+    result = func(
+        xp.asarray(np.full((2, 3), -np.inf if log else 0.0)), xp.asarray(g[:2, :3]), where=False
+    )
     xp_assert_equal(result, np.zeros((2, 3)), xp=xp, dtype=xp.float64)
 
 
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
-def test_end_to_end_from_our_forward(xp, func, log, rng):
-    x, g = _inputs(rng)
+def test_end_to_end_from_our_forward(xp, func, log):
     fwd = xpsoftmax.log_softmax if log else xpsoftmax.softmax
-    y = fwd(xp.asarray(x), axis=(1, 2))
-    _, dx = _torch_vjp(x, g, (1, 2), log)
-    xp_assert_close(func(y, xp.asarray(g), axis=(1, 2)), dx, xp=xp, dtype=xp.float64)
+    y = fwd(xp.asarray(X), axis=(1, 2))
+    _, dx = _torch_ref("float64", (1, 2), log)
+    xp_assert_close(func(y, xp.asarray(G), axis=(1, 2)), dx, xp=xp, dtype=xp.float64)
 
 
 # ------------------------------------------------------------------------------------------
@@ -160,10 +186,9 @@ def test_end_to_end_from_our_forward(xp, func, log, rng):
 @pytest.mark.skip_xp_backends(Backend.JAX, Backend.DASK, reason="immutable or lazy: no out=")
 @pytest.mark.parametrize("alias", [None, "y", "dy"])
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
-def test_out(xp, func, log, alias, rng):
-    x, g = _inputs(rng)
-    y_np, dx = _torch_vjp(x, g, 0, log)
-    y, dy = xp.asarray(y_np.copy()), xp.asarray(g.copy())
+def test_out(xp, func, log, alias):
+    y_np, dx = _torch_ref("float64", 0, log)
+    y, dy = xp.asarray(y_np), xp.asarray(G.copy())
     out = {"y": y, "dy": dy, None: xp.full(SHAPE, 7.0, dtype=xp.float64)}[alias]
     result = func(y, dy, axis=0, out=out)
     assert result is out
@@ -174,12 +199,16 @@ def test_out(xp, func, log, alias, rng):
 # empty inputs
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((0,), -1), ((0, 5), -1), ((3, 0), 0), ((2, 0, 4), (0, 2))])
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((0,), -1), ((0, 5), -1), ((3, 0), 0), ((2, 0, 4), (0, 2))]
+)
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
 def test_empty(xp, func, log, shape, axis):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         y = xp.zeros(shape, dtype=xp.float32)
-        result = func(y, xp.zeros(shape, dtype=xp.float32), axis=axis, where=xp.zeros(shape, dtype=xp.bool))
+        result = func(
+            y, xp.zeros(shape, dtype=xp.float32), axis=axis, where=xp.zeros(shape, dtype=xp.bool)
+        )
         xp_assert_equal(result, np.empty(shape), xp=xp, dtype=xp.float32)
     assert array_api_compat.device(result) == array_api_compat.device(y)

@@ -81,7 +81,9 @@ def test_array_like_second_argument_rejected(xp, func, a_name, b_name):
 
 
 @pytest.mark.parametrize(("func", "a_name", "b_name"), TWO_ARG)
-@pytest.mark.parametrize(("shape_a", "shape_b"), [((2, 3), (3, 2)), ((2, 3), (1, 3)), ((4,), (4, 1))])
+@pytest.mark.parametrize(
+    ("shape_a", "shape_b"), [((2, 3), (3, 2)), ((2, 3), (1, 3)), ((4,), (4, 1))]
+)
 def test_mismatched_shapes(xp, func, a_name, b_name, shape_a, shape_b):
     a, b = xp.zeros(shape_a, dtype=xp.float64), xp.zeros(shape_b, dtype=xp.float64)
     expected = f"{a_name} and {b_name} must have the same shape, got {shape_a} and {shape_b}"
@@ -139,10 +141,14 @@ def test_not_a_numeric_array(func, value, pattern):
 def test_axis_out_of_range(xp, axis):
     a = xp.zeros((2, 3), dtype=xp.float64)
     calls = [*_all_single(a, axis=axis), lambda: xpsoftmax.softmax_jacobian(a, axis=axis)]
-    calls.append(lambda: xpsoftmax.check_vjp(xpsoftmax.softmax, xpsoftmax.softmax_backward, a, axis=axis))
+    calls.append(
+        lambda: xpsoftmax.check_vjp(xpsoftmax.softmax, xpsoftmax.softmax_backward, a, axis=axis)
+    )
     bad = next(v for v in (axis if isinstance(axis, tuple) else (axis,)) if not -2 <= v < 2)
     for call in calls:
-        with pytest.raises(ValueError, match=rf"axis {bad} is out of bounds for an array of dimension 2"):
+        with pytest.raises(
+            ValueError, match=rf"axis {bad} is out of bounds for an array of dimension 2"
+        ):
             call()
         with pytest.raises(np.exceptions.AxisError):
             call()
@@ -230,7 +236,9 @@ def test_out_from_another_library(xp, library, func):
     a = xp.zeros((2, 3), dtype=xp.float64)
     kind = _qualname(a).replace(".", r"\.")
     for out in (_foreign(library), [[0.0] * 3] * 2):
-        with pytest.raises(TypeError, match=rf"out must be an array of the same kind as the input \({kind}\)"):
+        with pytest.raises(
+            TypeError, match=rf"out must be an array of the same kind as the input \({kind}\)"
+        ):
             func(a, out=out)
 
 

@@ -12,6 +12,7 @@ import pytest
 import torch
 from _helpers import (
     Backend,
+    cached_reference,
     jax_softmax,
     move_axes_last,
     normalize_axes,
@@ -29,6 +30,13 @@ JVP = [
 ]
 AXES = [-1, 0, 1, -2, (0, 2), (2, 1), None]
 SHAPE = (3, 4, 5)
+# Fixed data, so that the references are computed once and shared by the five backends.
+_RNG = np.random.default_rng(20250102)
+X = 3.0 * _RNG.standard_normal(SHAPE)
+T = _RNG.standard_normal(SHAPE)
+MASK = _RNG.random(SHAPE) < 0.6
+MASK[0, 1, :] = False
+MASK[1] = False
 
 
 def _torch_jvp(x: np.ndarray, t: np.ndarray, axis, log: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -44,59 +52,61 @@ def _torch_jvp(x: np.ndarray, t: np.ndarray, axis, log: bool) -> tuple[np.ndarra
     return y.numpy(), dy.numpy()
 
 
-def _inputs(rng, dtype="float64", shape=SHAPE):
-    x = (3.0 * rng.standard_normal(shape)).astype(dtype)
-    t = rng.standard_normal(shape).astype(dtype)
-    return x, t
+@cached_reference
+def _torch_ref(dtype: str, axis, log: bool) -> tuple[np.ndarray, np.ndarray]:
+    """(y, dy) in float64 for X and T rounded to ``dtype``."""
+    return _torch_jvp(X.astype(dtype).astype(np.float64), T.astype(dtype), axis, log)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize("axis", AXES)
 @pytest.mark.parametrize(("func", "log"), JVP)
-def test_jvp_matches_torch_func(xp, func, log, axis, dtype, rng):
-    x, t = _inputs(rng, dtype)
-    y, dy = _torch_jvp(x, t, axis, log)
-    result = func(xp.asarray(y.astype(dtype)), xp.asarray(t), axis=axis)
+def test_jvp_matches_torch_func(xp, func, log, axis, dtype):
+    y, dy = _torch_ref(dtype, axis, log)
+    result = func(xp.asarray(y.astype(dtype)), xp.asarray(T.astype(dtype)), axis=axis)
     xp_assert_close(result, dy, xp=xp, dtype=getattr(xp, dtype))
 
 
 @pytest.mark.parametrize(("func", "log"), JVP)
-def test_jvp_default_axis_and_float16(xp, library, func, log, rng):
-    x, t = _inputs(rng)
-    y, dy = _torch_jvp(x, t, -1, log)
-    xp_assert_close(func(xp.asarray(y), xp.asarray(t)), dy, xp=xp, dtype=xp.float64)
+def test_jvp_default_axis_and_float16(xp, library, func, log):
+    y, dy = _torch_ref("float64", -1, log)
+    xp_assert_close(func(xp.asarray(y), xp.asarray(T)), dy, xp=xp, dtype=xp.float64)
     if library.has_float16:
-        result = func(xp.asarray(y.astype(np.float16)), xp.asarray(t.astype(np.float16)))
+        result = func(xp.asarray(y.astype(np.float16)), xp.asarray(T.astype(np.float16)))
         xp_assert_close(result, dy, xp=xp, dtype="float16", rtol=2e-3, atol=4e-3)
 
 
 @pytest.mark.parametrize("axis", [-1, (0, 2), None])
 @pytest.mark.parametrize(("func", "log"), JVP)
-def test_jvp_where_matches_jax(xp, func, log, axis, rng):
-    x, t = _inputs(rng)
-    mask = rng.random(SHAPE) < 0.6
-    mask[0, 1, :] = False
-    mask[1] = False
-    w = jnp.asarray(mask)
+@cached_reference
+def _jax_masked_ref(axis, log: bool) -> tuple[np.ndarray, np.ndarray]:
+    w = jnp.asarray(MASK)
     y, dy = jax.jvp(
-        lambda a: jax_softmax(a, axis, where=w, log=log), (jnp.asarray(x),), (jnp.asarray(t),)
+        lambda a: jax_softmax(a, axis, where=w, log=log), (jnp.asarray(X),), (jnp.asarray(T),)
     )
+    return np.array(y), np.array(dy)
+
+
+@pytest.mark.parametrize("axis", [-1, (0, 2), None])
+@pytest.mark.parametrize(("func", "log"), JVP)
+def test_jvp_where_matches_jax(xp, func, log, axis, rng):
+    mask = MASK
+    y, dy = _jax_masked_ref(axis, log)
     # Masked tangents must not matter: make them inf and NaN in what we pass.
-    dirty = np.where(mask, t, np.where(rng.random(SHAPE) < 0.5, -np.inf, np.nan))
-    result = func(xp.asarray(np.array(y)), xp.asarray(dirty), axis=axis, where=xp.asarray(mask))
-    xp_assert_close(result, np.array(dy), xp=xp, dtype=xp.float64)
+    dirty = np.where(mask, T, np.where(rng.random(SHAPE) < 0.5, -np.inf, np.nan))
+    result = func(xp.asarray(y), xp.asarray(dirty), axis=axis, where=xp.asarray(mask))
+    xp_assert_close(result, dy, xp=xp, dtype=xp.float64)
     r = to_numpy(result)
     assert np.all(np.isfinite(r))
     assert np.all(r[~mask] == 0.0)
 
 
 @pytest.mark.parametrize(("func", "log"), JVP)
-def test_jvp_uniform_shift_is_zero(xp, func, log, rng):
+def test_jvp_uniform_shift_is_zero(xp, func, log):
     # Adding the same constant to every logit of a row leaves (log-)softmax unchanged.
-    x, _ = _inputs(rng, shape=(4, 7))
-    y, _ = _torch_jvp(x, np.zeros_like(x), -1, log)
-    result = func(xp.asarray(y), xp.ones((4, 7), dtype=xp.float64))
-    xp_assert_close(result, np.zeros((4, 7)), xp=xp, dtype=xp.float64, atol=1e-15)
+    y, _ = _torch_ref("float64", -1, log)
+    result = func(xp.asarray(y), xp.ones(SHAPE, dtype=xp.float64))
+    xp_assert_close(result, np.zeros(SHAPE), xp=xp, dtype=xp.float64, atol=1e-15)
 
 
 @pytest.mark.parametrize(("func", "log"), JVP)
@@ -125,6 +135,17 @@ def _block_diagonal(full: np.ndarray, shape: tuple[int, ...], axis) -> np.ndarra
     return blocks.reshape((*r_shape, n, n))
 
 
+@cached_reference
+def _torch_jacobian(axis) -> tuple[np.ndarray, np.ndarray]:
+    """(y, block-diagonal Jacobian) of softmax over ``axis`` at X, by torch autograd."""
+    tx = torch.asarray(X)
+    y = torch_softmax(tx, axis).numpy()
+    full = torch.autograd.functional.jacobian(
+        lambda a: torch_softmax(a, axis), tx, vectorize=True
+    ).numpy()
+    return y, _block_diagonal(full, SHAPE, axis)
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize(
     ("axis", "expected_shape"),
@@ -139,24 +160,26 @@ def _block_diagonal(full: np.ndarray, shape: tuple[int, ...], axis) -> np.ndarra
         (None, (60, 60)),
     ],
 )
-def test_jacobian_matches_torch_autograd(xp, axis, expected_shape, dtype, rng):
-    x = 2.0 * rng.standard_normal(SHAPE)
-    tx = torch.asarray(x)
-    y = torch_softmax(tx, axis).numpy()
-    full = torch.autograd.functional.jacobian(lambda a: torch_softmax(a, axis), tx).numpy()
-    expected = _block_diagonal(full, SHAPE, axis)
+def test_jacobian_matches_torch_autograd(xp, axis, expected_shape, dtype):
+    y, expected = _torch_jacobian(axis)
     assert expected.shape == expected_shape
     result = xpsoftmax.softmax_jacobian(xp.asarray(y.astype(dtype)), axis=axis)
     xp_assert_close(result, expected, xp=xp, dtype=getattr(xp, dtype))
 
 
+@cached_reference
+def _jax_jacobian(axis) -> tuple[np.ndarray, np.ndarray]:
+    x = jnp.asarray(X[0])
+    y = np.array(jax.nn.softmax(x, axis=axis))
+    full = np.array(jax.jacobian(lambda a: jax.nn.softmax(a, axis=axis))(x))
+    return y, _block_diagonal(full, (4, 5), axis)
+
+
 @pytest.mark.parametrize("axis", [-1, (0, 1)])
-def test_jacobian_matches_jax(xp, axis, rng):
-    x = rng.standard_normal((3, 4))
-    y = np.array(jax.nn.softmax(jnp.asarray(x), axis=axis))
-    full = np.array(jax.jacobian(lambda a: jax.nn.softmax(a, axis=axis))(jnp.asarray(x)))
+def test_jacobian_matches_jax(xp, axis):
+    y, expected = _jax_jacobian(axis)
     result = xpsoftmax.softmax_jacobian(xp.asarray(y), axis=axis)
-    xp_assert_close(result, _block_diagonal(full, (3, 4), axis), xp=xp, dtype=xp.float64)
+    xp_assert_close(result, expected, xp=xp, dtype=xp.float64)
 
 
 def test_jacobian_default_axis_rows_and_symmetry(xp, rng):
@@ -174,13 +197,10 @@ def test_jacobian_default_axis_rows_and_symmetry(xp, rng):
 
 
 @pytest.mark.skip_xp_backends(Backend.ARRAY_API_STRICT, reason="the standard has no float16")
-def test_jacobian_float16(xp, rng):
-    x = rng.standard_normal((3, 5))
-    tx = torch.asarray(x)
-    y = torch_softmax(tx, -1).numpy()
-    full = torch.autograd.functional.jacobian(lambda a: torch_softmax(a, -1), tx).numpy()
+def test_jacobian_float16(xp):
+    y, expected = _torch_jacobian(-1)
     result = xpsoftmax.softmax_jacobian(xp.asarray(y.astype(np.float16)))
-    xp_assert_close(result, _block_diagonal(full, (3, 5), -1), xp=xp, dtype="float16", atol=1e-3)
+    xp_assert_close(result, expected, xp=xp, dtype="float16", atol=1e-3)
 
 
 @pytest.mark.parametrize(

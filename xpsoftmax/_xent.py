@@ -159,8 +159,8 @@ def prepare(x: Any, x_name: str, targets: Any, axis: Any, ignore_index: Any, whe
 
     Targets with an integer dtype are class indices, of the input's shape without ``axis``;
     targets with a real floating dtype are probabilities, of the input's shape. Index values are
-    checked against the number of classes (and the mask) unless the arrays are lazy (Dask, traced
-    JAX), where reading them would compute or is impossible.
+    checked against the number of classes (and the mask) at once; on Dask the range check runs
+    in the graph, when the result is computed, and under ``jax.jit`` values are not checked.
     """
     xp, x = _api._namespace(x, x_name)
     dtype = _api._float_dtype(xp, x, x_name)
@@ -243,10 +243,11 @@ def _check_indices(
 ) -> None:
     if _api._is_empty(tuple(t.shape)):
         return
-    if valid is not None and not bool(xp.any(valid)):
-        return  # every sample ignored: the (replaced) indices are never read
-    lo, hi = int(xp.min(t)), int(xp.max(t))
-    if lo < 0 or hi >= n:
+    bad = (t < 0) | (t >= n)
+    if valid is not None:
+        bad = bad & valid  # ignored samples hold 0 here, out of range only when n == 0
+    if bool(xp.any(bad)):  # one device sync on the way that succeeds
+        lo, hi = int(xp.min(t)), int(xp.max(t))
         raise _range_error(lo if lo < 0 else hi, n, ax, x_name)
     if mask is not None:
         hit = _pick(xp, mask, t, ax)
@@ -345,18 +346,20 @@ def sample_losses(p: Problem, ly: Array, eps: float) -> Array:
     return -xp.sum(q * xp.where(q == 0, xp.zeros_like(ly), ly), axis=p.axis)
 
 
-def _n_samples(p: Problem) -> Array:
-    """The divisor of reduction "mean": non-ignored samples for index targets, else all samples."""
+def _n_samples(p: Problem) -> Array | float:
+    """The divisor of reduction "mean": non-ignored samples for index targets (an array), else
+    all samples (a number)."""
     xp = p.xp
     if p.valid is not None:
         return xp.sum(xp.astype(p.valid, p.ctype))
-    n = float(math.prod(p.loss_shape))
-    return xp.asarray(n, dtype=p.ctype, device=_compat.device(p.x_in))
+    return float(math.prod(p.loss_shape))
 
 
-def _divide(xp: Any, a: Array, n: Array) -> Array:
-    """``a / n``, NaN where ``n`` is 0 (every sample ignored, as torch), with no warning even
-    when Dask computes it later, outside our ``errstate``."""
+def _divide(xp: Any, a: Array, n: Array | float) -> Array:
+    """``a / n``, NaN where ``n`` is 0 (no sample, or every sample ignored: as torch), with no
+    warning even when Dask computes it later, outside our ``errstate``."""
+    if isinstance(n, float):
+        return a / n if n else xp.full_like(a, math.nan)
     empty = n == 0
     return xp.where(empty, xp.full_like(a, math.nan), a / xp.where(empty, xp.ones_like(n), n))
 
@@ -544,9 +547,10 @@ def cross_entropy(
         Bad types: targets neither integer nor real floating, a non-integer ``axis`` or
         ``ignore_index``, arrays of different libraries.
     ValueError
-        Bad values: target shape, a class index outside ``[0, n)`` (the message names it;
-        checked where values can be read without computing, so not on Dask or inside
-        ``jax.jit``), ``label_smoothing`` outside ``[0, 1]``, an unknown ``reduction``.
+        Bad values: target shape, a class index outside ``[0, n)`` (the message names it; on
+        Dask raised when the result is computed, not checked inside ``jax.jit``), an index
+        target on a masked class (not checked on Dask or inside ``jax.jit``, where its loss is
+        ``inf``), ``label_smoothing`` outside ``[0, 1]``, an unknown ``reduction``.
 
     Notes
     -----
