@@ -1,0 +1,590 @@
+"""``xpsoftmax run``: one operation on ``.npy`` files of any size, in bounded memory.
+
+The pipeline:
+
+1. :func:`open_job` checks the input files (headers, dtypes, sizes; pickles are never loaded),
+   memory-maps them and settles the output's shape and dtype: a :class:`Job`.
+2. The arrays are covered by boxes of whole softmax lines (:func:`blocks`, :func:`within`); the
+   softmax axis is never split.
+3. Each box is computed on the CPU with NumPy (:func:`run_cpu`), on a GPU through pinned
+   buffers and two CUDA streams (``_batch_gpu``), or on Dask workers (``_batch_dask``), which
+   write their boxes into the same output file.
+4. :func:`write_npy_atomically` writes into a temporary file beside the output, flushes it and
+   renames it only when complete.
+
+A Fortran-ordered input is handled as its C-ordered transpose (the axis mirrored), so blocks are
+always in C order and read consecutive parts of the file.
+
+User errors raise :class:`BatchError`, whose message is one line for the command line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import math
+import os
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._demo import _cupy_with_gpu
+
+__all__ = [
+    "OPS",
+    "BatchError",
+    "Job",
+    "Spec",
+    "blocks",
+    "check_output",
+    "open_job",
+    "open_npy",
+    "pick_device",
+    "run",
+    "run_cpu",
+    "within",
+    "write_npy_atomically",
+]
+
+#: operation -> the names of its inputs, in order.
+OPS = {
+    "softmax": ("logits",),
+    "log_softmax": ("logits",),
+    "softmax_backward": ("y", "dy"),
+    "log_softmax_backward": ("ly", "dy"),
+    "cross_entropy": ("logits", "targets"),
+}
+MIB = 2**20
+
+Box = tuple[slice, ...]
+
+
+class BatchError(Exception):
+    """A user error (a bad file, option or device): one line on stderr, exit status 2."""
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message`` of an exception."""
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+
+@dataclass(frozen=True)
+class Npy:
+    """A checked, read-only memory-mapped ``.npy`` file."""
+
+    path: str
+    name: str
+    array: np.ndarray
+    fortran: bool
+
+
+def open_npy(path: str, name: str) -> Npy:
+    """Memory-map ``path`` after checking its header, dtype and size; never loads a pickle."""
+    label = f"{name} {path!r}"
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise BatchError(f"{label}: no such file") from None
+    except IsADirectoryError:
+        raise BatchError(f"{label}: is a directory, not a .npy file") from None
+    except OSError as exc:
+        raise BatchError(f"{label}: cannot be read ({exc.strerror})") from None
+    with f:
+        try:
+            version = np.lib.format.read_magic(f)
+        except ValueError:
+            raise BatchError(f"{label}: not a .npy file (bad magic string)") from None
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise BatchError(f"{label}: unsupported .npy format version {version}")
+        try:
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+        except Exception as exc:  # numpy raises ValueError, SyntaxError, TypeError, ...
+            raise BatchError(f"{label}: corrupt .npy header ({first_line(exc)})") from None
+        offset = f.tell()
+        size = os.fstat(f.fileno()).st_size
+    if dtype.hasobject:
+        msg = f"{label}: holds Python objects (a pickled array); pickles are never loaded"
+        raise BatchError(msg)
+    if dtype.names is not None or dtype.subdtype is not None:
+        raise BatchError(f"{label}: structured dtype {dtype} is not supported")
+    if dtype.kind == "c":
+        raise BatchError(f"{label}: complex dtype {dtype}; softmax needs real numbers")
+    if dtype.kind not in "fiub":
+        raise BatchError(f"{label}: dtype {dtype} is not a real numeric dtype")
+    nbytes = math.prod(shape) * dtype.itemsize
+    if size < offset + nbytes:
+        msg = f"{label}: truncated, {size - offset} bytes of data where its header says {nbytes}"
+        raise BatchError(msg)
+    if size > offset + nbytes:
+        msg = f"{label}: corrupt, {size - offset - nbytes} unexpected bytes after the data"
+        raise BatchError(msg)
+    if nbytes == 0:
+        array = np.empty(shape, dtype=dtype)  # nothing to map
+    else:
+        order = "F" if fortran else "C"
+        array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    return Npy(path, name, array, bool(fortran))
+
+
+def check_output(output: str, sources: list[str], overwrite: bool) -> str:
+    """The absolute output path, after refusing an input, a directory or an unwanted overwrite."""
+    target = os.path.abspath(output)
+    directory = os.path.dirname(target)
+    for source in sources:
+        same = os.path.realpath(source) == os.path.realpath(target)
+        if not same and os.path.exists(source) and os.path.exists(target):
+            same = os.path.samefile(source, target)
+        if same:
+            raise BatchError(f"output {output!r} is the input {source!r}; write another file")
+    if not os.path.isdir(directory):
+        raise BatchError(f"output {output!r}: directory {directory!r} does not exist")
+    if os.path.isdir(target):
+        raise BatchError(f"output {output!r} is a directory")
+    if os.path.lexists(target) and not overwrite:
+        raise BatchError(f"output {output!r} exists; pass --overwrite to replace it")
+    return target
+
+
+# --------------------------------------------------------------------------------------------
+# the job
+
+
+@dataclass(frozen=True)
+class Spec:
+    """What to run, as plain values (it travels to Dask workers, which open the files again)."""
+
+    op: str
+    inputs: tuple[str, ...]
+    where: str | None = None
+    axis: int = -1
+    batch_bytes: int = 32 * MIB
+    device: str = "auto"
+
+
+@dataclass(frozen=True)
+class Job:
+    """An opened :class:`Spec`: memory maps in C order and the output's layout.
+
+    ``arrays``, ``mask``, ``shape`` and ``axis`` are C-ordered views (the transposes of
+    Fortran-ordered files); ``reduced[i]`` is True for an input without the softmax axis (the
+    targets of cross_entropy), ``out_reduced`` likewise for the output.
+    """
+
+    spec: Spec
+    arrays: tuple[np.ndarray, ...]
+    reduced: tuple[bool, ...]
+    mask: np.ndarray | None
+    shape: tuple[int, ...]
+    axis: int
+    fortran: bool
+    out_dtype: np.dtype
+    out_reduced: bool
+
+    @property
+    def n(self) -> int:
+        """The length of a softmax line."""
+        return self.shape[self.axis]
+
+    @property
+    def lines(self) -> int:
+        """The number of softmax lines (rows)."""
+        return math.prod(self.shape) // self.n if self.n else 0
+
+    @property
+    def out_shape(self) -> tuple[int, ...]:
+        """The output's shape in C order (the transpose of the file's when ``fortran``)."""
+        return drop(self.shape, self.axis) if self.out_reduced else self.shape
+
+    @property
+    def out_fortran(self) -> bool:
+        return self.fortran and len(self.out_shape) > 1
+
+    @property
+    def moved(self) -> int:
+        """Bytes read from the inputs and written to the output."""
+        return sum(a.nbytes for a in self.arrays) + math.prod(self.out_shape) * (
+            self.out_dtype.itemsize
+        )
+
+    def index(self, box: Box, reduced: bool) -> tuple[slice, ...]:
+        """The part of an array (reduced or not) that belongs to ``box``."""
+        return drop(box, self.axis) if reduced else box
+
+
+def drop(items: tuple, axis: int) -> tuple:
+    """``items`` without the entry at ``axis``."""
+    return items[:axis] + items[axis + 1 :]
+
+
+def open_job(spec: Spec) -> Job:
+    """Open and check the files of ``spec``; raise :class:`BatchError` on any problem."""
+    op, names = spec.op, OPS[spec.op]
+    opened = [open_npy(path, name) for path, name in zip(spec.inputs, names, strict=True)]
+    first = opened[0].array
+    shape, ndim = first.shape, first.ndim
+    xent = op == "cross_entropy"
+    if not xent:
+        for other in opened[1:]:
+            if other.array.shape != shape:
+                msg = (
+                    f"run {op}: {names[0]} has shape {shape} but {other.name} has shape "
+                    f"{other.array.shape}; they must match"
+                )
+                raise BatchError(msg)
+    if not -ndim <= spec.axis < ndim:
+        msg = f"--axis {spec.axis} is out of range for inputs of shape {shape}"
+        raise BatchError(msg)
+    axis = spec.axis % ndim
+    if xent:
+        _check_targets(opened[1], shape, axis)
+    mask = None
+    if spec.where is not None:
+        where = open_npy(spec.where, "mask")
+        if where.array.dtype != np.bool_:
+            msg = f"mask {spec.where!r}: dtype {where.array.dtype}, expected bool"
+            raise BatchError(msg)
+        try:
+            broadcast = np.broadcast_shapes(where.array.shape, shape)
+        except ValueError:
+            broadcast = None
+        if broadcast != shape:
+            msg = f"mask {spec.where!r} of shape {where.array.shape} does not broadcast to {shape}"
+            raise BatchError(msg)
+        mask = np.broadcast_to(where.array, shape)
+    fortran = opened[0].fortran and ndim > 1
+    arrays = [o.array for o in opened]
+    if fortran:  # work on the C-ordered transposes
+        arrays, axis = [a.T for a in arrays], ndim - 1 - axis
+        mask = None if mask is None else mask.T
+    return Job(
+        spec=spec,
+        arrays=tuple(arrays),
+        reduced=(False, True) if xent else (False,) * len(arrays),
+        mask=mask,
+        shape=arrays[0].shape,
+        axis=axis,
+        fortran=fortran,
+        out_dtype=_out_dtype(op, [a.dtype for a in arrays]),
+        out_reduced=xent,
+    )
+
+
+def _check_targets(targets: Npy, shape: tuple[int, ...], axis: int) -> None:
+    label = f"targets {targets.path!r}"
+    if targets.array.dtype.kind not in "iu":
+        msg = f"{label}: dtype {targets.array.dtype}, expected integer class indices"
+        raise BatchError(msg)
+    if shape[axis] == 0 and math.prod(drop(shape, axis)):
+        raise BatchError(f"run cross_entropy: logits of shape {shape} have no class on axis {axis}")
+    if targets.array.shape != drop(shape, axis):
+        msg = (
+            f"{label} has shape {targets.array.shape}, expected {drop(shape, axis)} "
+            f"(the logits' shape {shape} without axis {axis})"
+        )
+        raise BatchError(msg)
+
+
+def _out_dtype(op: str, dtypes: list[np.dtype]) -> np.dtype:
+    """The dtype the function gives for these input dtypes (ints promote to float64)."""
+    import xpsoftmax
+
+    if op == "cross_entropy":
+        logits, targets = np.zeros((1, 2), dtype=dtypes[0]), np.zeros(1, dtype=dtypes[1])
+        probe = xpsoftmax.cross_entropy(logits, targets, reduction="none")
+    else:
+        probe = getattr(xpsoftmax, op)(*(np.zeros(2, dtype=d) for d in dtypes))
+    return probe.dtype.newbyteorder("=")
+
+
+def compute(job: Job, chunks: list[Any], mask: Any | None, out: Any | None = None) -> Any:
+    """``job``'s operation on one block, through the public functions (NumPy or CuPy arrays).
+
+    ``out`` (same namespace, the output's dtype and the block's shape) is used where the
+    function takes one; the result is returned either way.
+    """
+    import xpsoftmax
+
+    if job.spec.op == "cross_entropy":
+        logits, targets = chunks
+        return xpsoftmax.cross_entropy(logits, targets, job.axis, reduction="none", where=mask)
+    fn = getattr(xpsoftmax, job.spec.op)
+    if out is None:
+        return fn(*chunks, axis=job.axis, where=mask)
+    return fn(*chunks, axis=job.axis, where=mask, out=out)
+
+
+# --------------------------------------------------------------------------------------------
+# blocks
+
+
+def blocks(shape: tuple[int, ...], axis: int, budget: int) -> Iterator[tuple[Box, int]]:
+    """Cover ``shape`` (C order) with boxes of whole softmax lines, ``budget`` elements at most.
+
+    A box is never smaller than one line (the softmax axis is never split). Yields
+    ``(box, lines)``: a tuple of ``slice(start, stop)`` and the number of softmax lines in the
+    box, in memory order, so that consecutive boxes read consecutive parts of the file. The
+    first box is the largest.
+    """
+    if math.prod(shape) == 0:
+        return
+    others = [d for d in range(len(shape)) if d != axis]
+    step = dict.fromkeys(others, 1)
+    size = shape[axis]
+    for d in reversed(others):  # innermost first: take whole axes while they fit
+        if size * shape[d] > budget:
+            step[d] = max(1, budget // size)
+            break
+        step[d] = shape[d]
+        size *= shape[d]
+    ranges = [(0,) if d == axis else range(0, shape[d], step[d]) for d in range(len(shape))]
+    for starts in itertools.product(*ranges):
+        stops = [
+            n if d == axis else min(s + step[d], n)
+            for d, (s, n) in enumerate(zip(starts, shape, strict=True))
+        ]
+        box = tuple(slice(s, e) for s, e in zip(starts, stops, strict=True))
+        yield box, math.prod(stops[d] - starts[d] for d in others)
+
+
+def whole(shape: tuple[int, ...]) -> Box:
+    """The box that covers ``shape``."""
+    return tuple(slice(0, n) for n in shape)
+
+
+def within(box: Box, axis: int, budget: int) -> Iterator[tuple[Box, int]]:
+    """:func:`blocks` of the part of an array that ``box`` covers, as boxes of the array."""
+    shape = tuple(s.stop - s.start for s in box)
+    for inner, lines in blocks(shape, axis, budget):
+        yield (
+            tuple(
+                slice(b.start + i.start, b.start + i.stop) for b, i in zip(box, inner, strict=True)
+            ),
+            lines,
+        )
+
+
+def box_shape(box: Box) -> tuple[int, ...]:
+    return tuple(s.stop - s.start for s in box)
+
+
+# --------------------------------------------------------------------------------------------
+# devices and the CPU path
+
+CPU_NAME = "CPU (NumPy)"
+
+
+def pick_device(choice: str) -> Any | None:
+    """The ``cupy`` module for ``choice`` ``"gpu"``, or ``"auto"`` with a GPU; None for the CPU."""
+    if choice not in ("auto", "cpu", "gpu"):
+        raise BatchError(f"--device must be auto, cpu or gpu, got {choice!r}")
+    cupy = None if choice == "cpu" else _cupy_with_gpu()
+    if cupy is None and choice == "gpu":
+        msg = "--device gpu: no CUDA device found (CuPy is not installed or sees no GPU)"
+        raise BatchError(msg)
+    return cupy
+
+
+def gpu_name(cupy: Any) -> str:
+    """``GPU <id> (<name>), CuPy <version>`` for the current device."""
+    dev = cupy.cuda.Device()
+    name = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"]
+    name = name.decode() if isinstance(name, bytes) else str(name)
+    return f"GPU {dev.id} ({name}), CuPy {cupy.__version__}"
+
+
+def cpu_budget(job: Job) -> int:
+    """Elements of one CPU block: ``--batch-mb`` of output (of logits for cross_entropy)."""
+    itemsize = job.arrays[0].dtype.itemsize if job.out_reduced else job.out_dtype.itemsize
+    return max(1, job.spec.batch_bytes // max(itemsize, 4))
+
+
+def run_cpu(job: Job, boxes: Iterable[Box], out: np.ndarray, advance: Callable[[int], None]):
+    """Compute ``boxes`` of ``job`` with NumPy into ``out`` (C-ordered view of the output)."""
+    budget = cpu_budget(job)
+    for box in boxes:
+        for index, lines in within(box, job.axis, budget):
+            chunks = [
+                np.asarray(a[job.index(index, r)])
+                for a, r in zip(job.arrays, job.reduced, strict=True)
+            ]
+            mask = None if job.mask is None else np.asarray(job.mask[index])
+            out[job.index(index, job.out_reduced)] = compute(job, chunks, mask)
+            advance(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# the output file
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt while writing, so the temporary file is removed."""
+
+    def interrupt(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread
+        previous = None
+    try:
+        yield
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _fsync_directory(directory: str) -> None:
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some platforms cannot open a directory
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_npy_atomically(
+    target: str,
+    dtype: np.dtype,
+    shape: tuple[int, ...],
+    fortran: bool,
+    fill: Callable[[np.ndarray, str], None],
+) -> None:
+    """Make the .npy file ``target`` with ``fill(out, path)``; never leave a partial file there.
+
+    ``out`` is a memory map of a temporary file ``path`` beside ``target`` (others may open
+    ``path`` too: Dask workers do); when ``fill`` returns, the file is flushed to disk and
+    renamed to ``target`` (replacing it). On any error, Ctrl-C or SIGTERM the temporary file is
+    removed and ``target`` is left as it was.
+    """
+    directory = os.path.dirname(target)
+    part = None
+    with _terminate_as_interrupt():
+        try:
+            fd, part = tempfile.mkstemp(
+                prefix=f".{os.path.basename(target)}.", suffix=".part", dir=directory
+            )
+            os.close(fd)
+            out = np.lib.format.open_memmap(
+                part, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran
+            )
+            fill(out, part)
+            out.flush()
+            del out
+            umask = os.umask(0)  # mkstemp makes the file private; give it the usual mode
+            os.umask(umask)
+            os.chmod(part, 0o666 & ~umask)
+            with open(part, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(part, target)
+        except BaseException:
+            if part is not None:
+                with contextlib.suppress(OSError):
+                    os.unlink(part)
+            raise
+    _fsync_directory(directory)
+
+
+def _progress_bar(enabled: bool, lines: int):
+    """A tqdm bar on stderr counting softmax lines, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=lines, unit="row", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+
+
+def run(
+    spec: Spec,
+    output: str,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    dask: str | None = None,
+) -> str:
+    """Run ``spec`` into the ``.npy`` file ``output``; return the one-line summary.
+
+    Raises :class:`BatchError` for a bad file, option or device, before anything is written.
+    """
+    names = OPS[spec.op]
+    if len(spec.inputs) != len(names):
+        msg = (
+            f"run {spec.op}: takes {len(names)} input{'s' if len(names) > 1 else ''} "
+            f"({', '.join(names)}), got {len(spec.inputs)}"
+        )
+        raise BatchError(msg)
+    sources = [*spec.inputs, *([spec.where] if spec.where is not None else [])]
+    target = check_output(output, sources, overwrite)
+    job = open_job(spec)
+    if dask is not None:
+        from . import _batch_dask
+
+        cluster = _batch_dask.parse_address(dask)  # checked before anything is written
+        cupy = None
+    else:
+        cupy = pick_device(spec.device)
+        if cupy is not None:
+            from . import _batch_gpu
+
+            _batch_gpu.plan(job)  # a line that does not fit in --batch-mb: an error now
+    start = time.perf_counter()
+    bar = _progress_bar(progress, job.lines)
+    device = CPU_NAME
+
+    def advance(count: int) -> None:
+        if bar is not None:
+            done = job.moved * (bar.n + count) / max(job.lines, 1)
+            rate = done / max(time.perf_counter() - start, 1e-9) / 1e9
+            bar.set_postfix_str(f"{rate:.2f} GB/s", refresh=False)
+            bar.update(count)
+
+    def fill(out: np.ndarray, part: str) -> None:
+        nonlocal device
+        view = out.T if job.fortran else out
+        if dask is not None:
+            device = _batch_dask.run(job, part, cluster, advance)
+        elif cupy is not None:
+            _batch_gpu.run(job, cupy, [whole(job.shape)], view, advance)
+            device = gpu_name(cupy)
+        else:
+            run_cpu(job, [whole(job.shape)], view, advance)
+
+    try:
+        write_npy_atomically(target, job.out_dtype, _file_shape(job), job.out_fortran, fill)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    shape = job.shape[::-1] if job.fortran else job.shape
+    axis = len(shape) - 1 - job.axis if job.fortran else job.axis
+    return (
+        f"{spec.op}: {job.lines} rows of {job.n} {job.out_dtype} "
+        f"(axis {axis} of {shape}), {job.moved / 1e9:.3g} GB read and written in "
+        f"{seconds:.3g} s, {job.moved / max(seconds, 1e-9) / 1e9:.3g} GB/s, {device} -> {output}"
+    )
+
+
+def _file_shape(job: Job) -> tuple[int, ...]:
+    return job.out_shape[::-1] if job.fortran else job.out_shape
