@@ -17,8 +17,8 @@ runs after two warm-up runs; torch runs on tensors sharing the NumPy arrays' mem
 
 Peak memory: each (case, op, implementation) runs once more in a fresh subprocess that builds
 its inputs, warms the library up on a tiny array, resets the peak RSS (``/proc/self/clear_refs``),
-calls the op and reads ``ru_maxrss``: the growth, output included, as a multiple of the output's
-size.
+calls the op and reads the peak RSS again (``VmHWM``; ``ru_maxrss`` where there is no
+``/proc``): the growth, output included, as a multiple of the output's size.
 
 It also sweeps the row length at a fixed array size (float32, last axis) and plots GB/s against
 it (matplotlib). Writes ``<out>/<YYYY-MM-DD>-cpu-<machine>.md``, ``.json`` and ``.png`` and prints
@@ -158,22 +158,26 @@ def moved_bytes(op: str, shape: tuple[int, ...], dtype: str) -> int:
 # timing and memory
 
 
-def time_interleaved(calls: dict[str, Callable[[], Any]], repeats: int) -> dict[str, list[float]]:
-    """Seconds per call for each implementation; rounds rotate the order of the calls."""
+def time_interleaved(
+    calls: dict[str, Callable[[], Any]], repeats: int
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Wall and CPU (all threads) seconds per call; rounds rotate the order of the calls."""
     names = list(calls)
     for name in names:
         for _ in range(2):
             calls[name]()
-    times: dict[str, list[float]] = {name: [] for name in names}
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         order = names[r % len(names) :] + names[: r % len(names)]
         for name in order:
             gc.collect()
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             result = calls[name]()
-            times[name].append(time.perf_counter() - t0)
+            wall[name].append(time.perf_counter() - t0)
+            cpu[name].append(time.process_time() - c0)
             del result
-    return times
+    return wall, cpu
 
 
 def _reset_peak_rss() -> bool:
@@ -183,6 +187,23 @@ def _reset_peak_rss() -> bool:
     except OSError:
         return False
     return True
+
+
+def _peak_rss() -> int:
+    """The peak resident set size in bytes: ``VmHWM`` where Linux has it, else ``ru_maxrss``.
+
+    ``ru_maxrss`` of a process started by ``subprocess`` can hold the peak of the parent that
+    spawned it (Linux keeps the larger of the process's own peak and one inherited at exec),
+    and ``clear_refs`` does not reset that part; ``VmHWM`` is the process's own peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def memory_child(spec: dict) -> dict:
@@ -195,9 +216,9 @@ def memory_child(spec: dict) -> dict:
     call = make_call(impl, op, arrays, axis)
     gc.collect()
     reset = _reset_peak_rss()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    before = _peak_rss()
     result = call()
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    after = _peak_rss()
     out_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
     return {
         "growth_bytes": after - before,
@@ -279,7 +300,7 @@ def run_cases(dtypes, repeats, memory) -> list[dict]:
             for op in OPS:
                 impls = ["xpsoftmax"] + [p for p in PEERS[op] if available(p)]
                 calls = {impl: make_call(impl, op, arrays, axis) for impl in impls}
-                times = time_interleaved(calls, repeats)
+                times, cpu = time_interleaved(calls, repeats)
                 row = {
                     "shape": list(shape),
                     "axis": axis,
@@ -287,6 +308,7 @@ def run_cases(dtypes, repeats, memory) -> list[dict]:
                     "op": op,
                     "ms": {k: 1e3 * statistics.median(v) for k, v in times.items()},
                     "ms_min": {k: 1e3 * min(v) for k, v in times.items()},
+                    "cpu_ms": {k: 1e3 * statistics.median(v) for k, v in cpu.items()},
                 }
                 row["gbps"] = moved_bytes(op, shape, dtype) / (row["ms"]["xpsoftmax"] * 1e6)
                 row["ratio"] = {
@@ -311,7 +333,7 @@ def run_sweep(ns, repeats) -> list[dict]:
         for op in ("forward", "backward"):
             impls = ["xpsoftmax"] + [p for p in PEERS[op] if available(p)]
             calls = {impl: make_call(impl, op, arrays, -1) for impl in impls}
-            times = time_interleaved(calls, repeats)
+            times, _ = time_interleaved(calls, repeats)
             for impl, t in times.items():
                 gbps = moved_bytes(op, shape, "float32") / (statistics.median(t) * 1e9)
                 points.append({"n": n, "op": op, "impl": impl, "gbps": gbps})
@@ -394,6 +416,23 @@ def markdown(info: dict, rows: list[dict], goals: list[dict], meta: dict) -> str
             f"{_fmt(ratio.get('scipy'))} | {_fmt(ratio.get('formula'))} | "
             f"{_fmt(ratio.get('torch'))} | {_fmt(peak.get('xpsoftmax'))} | "
             f"{_fmt(peak.get('scipy'))} | {_fmt(peak.get('formula'))} | {_fmt(peak.get('torch'))} |"
+        )
+    lines += [
+        "",
+        "## CPU time per call",
+        "",
+        "Median CPU seconds the process used during one call, all its threads together (ms): "
+        "the work each implementation does, less sensitive than wall time to other processes "
+        "on the machine. Threads that spin while waiting (torch's OpenMP) count too.",
+        "",
+        "| case | op | xpsoftmax | scipy | formula | torch |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cpu = r["cpu_ms"]
+        lines.append(
+            f"| {_case(r)} | {r['op']} | {cpu['xpsoftmax']:.2f} | {_fmt(cpu.get('scipy'))} | "
+            f"{_fmt(cpu.get('formula'))} | {_fmt(cpu.get('torch'))} |"
         )
     lines += ["", "## Goals (float32; worst case over the shapes)", ""]
     lines += ["| goal | limit | worst | case | met |", "|---|---:|---:|---|---|"]

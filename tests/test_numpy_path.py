@@ -3,7 +3,7 @@
 Every result of the fast path is checked twice: against the generic array-API path (the same
 public call with ``XPSOFTMAX_NUMPY_FAST=0``) and against float64 math written here or in
 ``_helpers.ref_softmax`` (scipy where it applies). Block edges are reached with small arrays by
-shrinking the block size (``small_blocks``), and once with the real, L2-sized blocks.
+shrinking the block size (the ``block_elems`` fixture), and with the real, L2-sized blocks.
 """
 
 from __future__ import annotations
@@ -228,9 +228,9 @@ EDGES = [
     ((23, 70), -1),  # 23 rows, 14 per 1000-element block
     ((3, 200), -1),  # rows longer than a block: chunked rows
     ((1, 333), -1),  # a single row longer than a block
-    ((3, 5, 300), 1),  # non-last axis: whole slabs (1000) or chunked (64)
-    ((2, 150, 40), 1),  # non-last axis, chunked along n and across the inner dimension
-    ((300, 7), 0),  # softmax along the first axis of a tall array
+    ((3, 5, 300), 1),  # non-last axis, the slab cut across the inner dimension
+    ((2, 150, 40), 1),  # non-last axis, chunked along n (64: across the inner dim too)
+    ((300, 7), 0),  # the first axis of a tall array: chunked along n, narrow inner
     ((5, 1), -1),  # rows of one element
 ]
 
@@ -322,12 +322,13 @@ def test_products(monkeypatch, block_elems, func, kind, dtype, shape, axis, mask
         assert np.all(r[~mask] == 0)
 
 
+@pytest.mark.parametrize("shape", [(33, 700), (5, 9000)])  # (5, 9000): row dots in pieces
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
 @pytest.mark.parametrize(("func", "kind"), PRODUCTS[:2])
-def test_backward_matches_torch(func, kind, dtype, rng):
+def test_backward_matches_torch(func, kind, dtype, shape, rng):
     torch = pytest.importorskip("torch")
-    x = torch.asarray(3.0 * rng.standard_normal((33, 700)), dtype=torch.float64, requires_grad=True)
-    g = rng.standard_normal((33, 700))
+    x = torch.asarray(3.0 * rng.standard_normal(shape), dtype=torch.float64, requires_grad=True)
+    g = rng.standard_normal(shape)
     y = torch.log_softmax(x, 1) if kind == "log_vjp" else torch.softmax(x, 1)
     (dx,) = torch.autograd.grad(y, x, torch.asarray(g))
     r = _fast(func, y.detach().numpy().astype(dtype), g.astype(dtype), axis=1)

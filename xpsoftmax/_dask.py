@@ -8,7 +8,9 @@ floating-point warnings of extreme inputs stay inside the block functions (they 
 ``np.errstate``), where the generic code would raise them at compute time. Arrays with a split
 softmax axis keep the generic array-API code, which reduces across chunks.
 
-Everything stays lazy: ``map_blocks`` only adds tasks to the graph.
+Everything stays lazy: ``map_blocks`` only adds tasks to the graph. The block functions run when
+Dask computes the graph, so the kernel mode (``xpsoftmax.kernels``) in effect then is the one that
+applies to CuPy blocks.
 """
 
 from __future__ import annotations

@@ -2,14 +2,14 @@
 
 The array is seen as ``(outer, n)`` when the softmax axes are the last ones, else as
 ``(outer, n, inner)``; both are views whenever the layout allows, so a non-last axis is worked
-along in place, without a transposed copy. The view is cut into blocks that fit in the L2 cache
-with their scratch space; every pass (max, subtract, exp, sum, scale; or the row dot and the
-update) runs over one block while it is in cache, so the input is read once and the output
-written once. Rows longer than a block, and non-last-axis slabs ``(n, inner)`` larger than a
-block, are cut into chunks (of whole-width contiguous rows for the latter) whose row statistics
-are combined between passes. Blocks run on a thread pool (NumPy releases the GIL inside ufuncs and
-reductions); the block geometry depends only on the shape and dtype, never on the thread count,
-so results are bitwise the same for any number of threads.
+along in place, without a transposed copy. The view is cut into blocks of rows, each the size
+of the L2 cache (see ``_block_elems``); every pass (max, subtract, exp, sum, scale; or the row
+dot and the update) runs over one block while it is in cache, so the input is read once and
+the output written once. Rows longer than a block, and non-last-axis slabs ``(n, inner)``
+larger than a block, are cut into chunks (of whole-width contiguous rows for the latter) whose
+row statistics are combined between passes. Blocks run on a thread pool (NumPy releases the
+GIL inside ufuncs and reductions); the block geometry depends only on the shape and dtype,
+never on the thread count, so results are bitwise the same for any number of threads.
 
 Semantics are exactly those of ``_generic`` (the special cases listed in
 ``_generic._normalize``); float16 is computed in float32 scratch, one block at a time.
@@ -53,9 +53,9 @@ _DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
 _SMALL_BYTES = 1 << 20
 # See _make_plan.
 _SMALL_BUFSIZE = 64
-# Fewest rows in a chunk of a non-last-axis block too large for one block; it bounds the chunk
-# statistics to 1/16 of the array.
-_MIN_CHUNK_ROWS = 16
+# Fewest rows in a chunk of a non-last-axis slab too large for one block; it bounds each array
+# of chunk statistics to 1/64 of the input's size.
+_MIN_CHUNK_ROWS = 64
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,12 +133,13 @@ def _l2_from_sysfs() -> int:
 
 
 def _block_elems(itemsize: int) -> int:
-    """Elements of one block: an input block and an output block fill the L2 cache.
+    """Elements of one block: one block of the input (in the compute dtype) fills the L2 cache.
 
-    Measured on a 1 MiB-L2 machine: halving this costs 5-15 % (more calls per element), while
-    the scratch of log-softmax and of the backward spill harmlessly into L3.
+    Measured on a 1 MiB-L2 machine with 1 and 2 threads: half this size costs 5-15 % (more
+    NumPy calls and more GIL hand-offs per element), a quarter of it 20-30 %; the output block
+    and the scratch of log-softmax and of the backward spill into L3 without a measurable cost.
     """
-    return max(4096, _l2_bytes() // (2 * itemsize))
+    return max(4096, _l2_bytes() // itemsize)
 
 
 # --------------------------------------------------------------------------------------------
@@ -397,8 +398,7 @@ def _setup(arrays: tuple[Array, ...], axes: tuple[int, ...], mask: Array | None,
     aliases = [False] * len(arrays)
     ov = _view(result, plan)
     if out is not None and ov is not None:
-        others = [(a, v, c) for a, v, c in zip(arrays, views, copied, strict=True)]
-        for i, (a, v, c) in enumerate(others):
+        for i, (a, v, c) in enumerate(zip(arrays, views, copied, strict=True)):
             if c or not np.may_share_memory(out, a):
                 continue
             if _same_view(ov, v):
@@ -433,7 +433,7 @@ def _not(mb: Array) -> Array:
 # forward
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _row_starts(rows: int, n: int) -> Array:
     starts = np.arange(0, rows * n, n, dtype=np.intp)
     starts.flags.writeable = False
@@ -441,7 +441,8 @@ def _row_starts(rows: int, n: int) -> Array:
 
 
 def _row_max(xb: Array, mb: Array | None, ct: np.dtype) -> Array:
-    if mb is None and xb.ndim == 2 and xb.strides == (xb.shape[1] * xb.itemsize, xb.itemsize):
+    contiguous_rows = xb.ndim == 2 and xb.strides == (xb.shape[1] * xb.itemsize, xb.itemsize)
+    if mb is None and contiguous_rows and xb.shape[1] >= 8:
         # On contiguous rows, reduceat runs about twice as fast as reduce along axis 1.
         flat = xb.reshape(-1)
         m = np.maximum.reduceat(flat, _row_starts(*xb.shape))[:, None]
@@ -532,15 +533,91 @@ def _forward_block(xb: Array, mb: Array | None, ob: Array, log: bool, ct: np.dty
         np.copyto(ob, w)
 
 
+def _stats_shape(plan: _Plan) -> list[int]:
+    """Shape of per-chunk row statistics: the view's shape with ``n`` replaced by the chunks."""
+    shape = list(plan.shape)
+    shape[1] = plan.chunks
+    return shape
+
+
+def _rows(st: tuple[slice, ...], a: Array | None) -> Array | None:
+    """The rows of a task's block in a per-row array ``a`` (``n`` reduced to 1)."""
+    return None if a is None else a[(st[0], slice(None), *st[2:])]
+
+
 def _forward_chunked(c: _Call, log: bool) -> None:
-    """Rows longer than a block: a max pass, an exp-and-sum pass and a scaling pass over chunks."""
+    """Rows longer than a block, float32/64: two passes over chunks (online normalization).
+
+    Pass 1 writes each chunk normalized by its own maximum ``m_c`` (exp, or the shifted logits
+    for log) into the output and records ``m_c`` and the chunk's sum; pass 2 rescales each
+    chunk by ``exp(m_c - M) / S`` (log: adds ``m_c - M - log S``). A chunk with a ``+inf``
+    leaves 1 (log: 0) at its ``+inf`` entries and 0 (``-inf``) elsewhere, and counts them, so
+    the ``+inf`` rows get their limit without reading the input again: ``out=`` may be ``x``.
+    """
     (xv,), mv, ov, plan, ct = c.inputs, c.mask, c.out, c.plan, c.ct
-    stats = list(plan.shape)
-    stats[1] = plan.chunks
-    m_part = np.empty(stats, dtype=ct)
-    any_part = None if mv is None else np.empty(stats, dtype=bool)
-    s_part = np.empty(stats, dtype=ct)
-    store = ov.dtype == ct  # float32/64 keep the unscaled exp (or z) in out between passes
+    m_part = np.empty(_stats_shape(plan), dtype=ct)
+    s_part = np.empty(_stats_shape(plan), dtype=ct)
+
+    def normalize_pass(t: int) -> None:
+        blk, st = plan.index(t)
+        ob, mb = ov[blk], None if mv is None else mv[blk]
+        m = _row_max(xv[blk], mb, ct)
+        m_part[st] = m
+        inf_col = m == np.inf
+        shift = np.where(np.isfinite(m), m, 0)  # -inf: the chunk gives 0; NaN: the row is NaN
+        _shifted(ob, xv[blk], mb, shift, inf_col if inf_col.any() else None)
+        e = np.exp(ob, out=_scratch.get(1, ct, ob.shape) if log else ob)
+        s_part[st] = _row_sum(e)
+
+    _run(c, normalize_pass)
+    coef = _chunk_coefficients(m_part, s_part, log)
+
+    def rescale_pass(t: int) -> None:
+        blk, st = plan.index(t)
+        op = np.add if log else np.multiply
+        if mv is None:
+            op(ov[blk], coef[st], out=ov[blk])
+        else:
+            op(ov[blk], coef[st], out=ov[blk], where=mv[blk])  # masked entries stay exact
+
+    _run(c, rescale_pass)
+
+
+def _chunk_coefficients(m_part: Array, s_part: Array, log: bool) -> Array:
+    """Per chunk and row: the factor (log: the term) that turns pass 1's output into the result.
+
+    The rows' special cases are those of ``_generic._normalize``: a ``+inf`` row splits its
+    mass over its ``+inf`` entries (pass 1 left 1s there, ``s_part`` counts them); a row with a
+    NaN, or whose unmasked entries are all ``-inf``, is NaN; a fully masked row has no entry
+    left to change (pass 2 skips masked entries).
+    """
+    big = np.max(m_part, axis=1, keepdims=True)
+    e = np.exp(m_part - big)  # a chunk with m_c = -inf contributes exactly 0
+    total = np.sum(s_part * e, axis=1, keepdims=True)
+    if log:
+        coef = (m_part - big) - np.log(total)
+    else:
+        coef = e / total
+    inf_row = big == np.inf
+    if inf_row.any():
+        hit = m_part == np.inf
+        k = np.sum(np.where(hit, s_part, 0), axis=1, keepdims=True)
+        limit = np.where(hit, -np.log(k), -np.inf) if log else np.where(hit, 1 / k, 0)
+        coef = np.where(inf_row, limit, coef)
+    nan_row = np.isnan(big) | (big == -np.inf)
+    return np.where(nan_row, np.nan, coef).astype(m_part.dtype, copy=False)
+
+
+def _forward_three_pass(c: _Call, log: bool) -> None:
+    """Rows longer than a block, float16: a max pass, a sum pass, and a pass that recomputes.
+
+    The output cannot hold intermediate values at full precision, so the last pass recomputes
+    each chunk from the input and rounds once.
+    """
+    (xv,), mv, ov, plan, ct = c.inputs, c.mask, c.out, c.plan, c.ct
+    m_part = np.empty(_stats_shape(plan), dtype=ct)
+    any_part = None if mv is None else np.empty(_stats_shape(plan), dtype=bool)
+    s_part = np.empty(_stats_shape(plan), dtype=ct)
 
     def max_pass(t: int) -> None:
         blk, st = plan.index(t)
@@ -553,39 +630,32 @@ def _forward_chunked(c: _Call, log: bool) -> None:
     empty = None if any_part is None else ~np.any(any_part, axis=1, keepdims=True)
     shift, inf_row = _shift(np.max(m_part, axis=1, keepdims=True), empty)
 
-    def rows(st: tuple[slice, ...], a: Array | None) -> Array | None:
-        return None if a is None else a[(st[0], slice(None), *st[2:])]
-
-    def exp_pass(t: int) -> None:
+    def shifted(t: int) -> tuple[Array, tuple[slice, ...], tuple[slice, ...]]:
         blk, st = plan.index(t)
-        ob = ov[blk]
-        w = ob if store else _scratch.get(0, ct, ob.shape)
-        _shifted(w, xv[blk], None if mv is None else mv[blk], rows(st, shift), rows(st, inf_row))
-        e = np.exp(w, out=_scratch.get(1, ct, w.shape) if log else w)
-        s_part[st] = _row_sum(e)
+        w = _scratch.get(0, ct, ov[blk].shape)
+        mb = None if mv is None else mv[blk]
+        _shifted(w, xv[blk], mb, _rows(st, shift), _rows(st, inf_row))
+        return w, blk, st
 
-    _run(c, exp_pass)
+    def sum_pass(t: int) -> None:
+        w, _, st = shifted(t)
+        s_part[st] = _row_sum(np.exp(w, out=w))
+
+    _run(c, sum_pass)
     s = np.sum(s_part, axis=1, keepdims=True)
     if empty is not None:
         s[empty] = 1
     if log:
         np.log(s, out=s)
 
-    def scale_pass(t: int) -> None:
-        blk, st = plan.index(t)
-        ob, sb = ov[blk], rows(st, s)
-        mb = None if mv is None else mv[blk]
-        if store:
-            _finish_rows(ob, sb, mb, log)
-            return
-        w = _scratch.get(0, ct, ob.shape)
-        _shifted(w, xv[blk], mb, rows(st, shift), rows(st, inf_row))
+    def write_pass(t: int) -> None:
+        w, blk, st = shifted(t)
         if not log:
             np.exp(w, out=w)
-        _finish_rows(w, sb, mb, log)
-        np.copyto(ob, w)
+        _finish_rows(w, _rows(st, s), None if mv is None else mv[blk], log)
+        np.copyto(ov[blk], w)
 
-    _run(c, scale_pass)
+    _run(c, write_pass)
 
 
 def forward(
@@ -604,8 +674,10 @@ def forward(
                 _forward_block(xv[blk], None if mv is None else mv[blk], ov[blk], log, ct)
 
             _run(c, task)
-        else:
+        elif c.out.dtype == c.ct:
             _forward_chunked(c, log)
+        else:
+            _forward_three_pass(c, log)
     return c.finish()
 
 
@@ -619,10 +691,26 @@ def forward(
 # Masked entries are left out of ``dot`` and give exactly 0 in ``r``.
 
 
+# Longest piece of a row handed to one BLAS dot call: OpenBLAS splits longer dots (more than
+# 10000 elements) over its own threads, which on a busy machine can stall a call for a whole
+# scheduler time slice (measured: 20 ms instead of 30 us).
+_DOT_PIECE = 4096
+
+
 def _vecdot(a: Array, b: Array) -> Array:
-    if hasattr(np, "vecdot"):  # NumPy >= 2.0: a fused, vectorized row dot
-        return np.vecdot(a, b)
-    return np.einsum("ij,ij->i", a, b)
+    """Dot products of the rows of ``a`` (2-D) with the rows of ``b`` (2-D, or 1-D for all)."""
+    dot = np.vecdot if hasattr(np, "vecdot") else _einsum_vecdot  # NumPy >= 2.0: BLAS dots
+    n = a.shape[1]
+    if n <= _DOT_PIECE:
+        return dot(a, b)
+    r = dot(a[:, :_DOT_PIECE], b[..., :_DOT_PIECE])
+    for i in range(_DOT_PIECE, n, _DOT_PIECE):
+        r += dot(a[:, i : i + _DOT_PIECE], b[..., i : i + _DOT_PIECE])
+    return r
+
+
+def _einsum_vecdot(a: Array, b: Array) -> Array:
+    return np.einsum("ij,ij->i", a, np.broadcast_to(b, a.shape))
 
 
 def _row_dot(y: Array, g: Array, mb: Array | None, kind: str, ct: np.dtype) -> Array:
@@ -677,9 +765,7 @@ def _product(c: _Call, kind: str) -> Array:
         _run(c, task)
         return c.finish()
 
-    stats = list(plan.shape)
-    stats[1] = plan.chunks
-    d_part = np.empty(stats, dtype=ct)
+    d_part = np.empty(_stats_shape(plan), dtype=ct)
 
     def dot_pass(t: int) -> None:
         blk, st = plan.index(t)
@@ -691,7 +777,7 @@ def _product(c: _Call, kind: str) -> Array:
     def update_pass(t: int) -> None:
         blk, st = plan.index(t)
         y, g, mb = load(blk)
-        _update(y, g, mb, dot[(st[0], slice(None), *st[2:])], kind, ov[blk], out_is_y)
+        _update(y, g, mb, _rows(st, dot), kind, ov[blk], out_is_y)
 
     _run(c, update_pass)
     return c.finish()
