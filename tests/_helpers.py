@@ -169,9 +169,10 @@ def xp_assert_close(
     both sides to NumPy: NaN must match NaN and infinities must match in position and sign.
     """
     _check_meta(actual, desired, xp, dtype, err_msg)
-    defaults = tolerance(actual.dtype)
-    rtol = defaults["rtol"] if rtol is None else rtol
-    atol = defaults["atol"] if atol is None else atol
+    if rtol is None or atol is None:
+        defaults = tolerance(actual.dtype)
+        rtol = defaults["rtol"] if rtol is None else rtol
+        atol = defaults["atol"] if atol is None else atol
     np.testing.assert_allclose(
         to_numpy(actual).astype(np.float64),
         to_numpy(desired).astype(np.float64),

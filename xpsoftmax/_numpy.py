@@ -713,34 +713,50 @@ def _einsum_vecdot(a: Array, b: Array) -> Array:
     return np.einsum("ij,ij->i", a, np.broadcast_to(b, a.shape))
 
 
-def _row_dot(y: Array, g: Array, mb: Array | None, kind: str, ct: np.dtype) -> Array:
+def _tmp(ob: Array, ct: np.dtype, free: bool) -> Array:
+    """A block-shaped work buffer: the output block itself when ``free``, else scratch."""
+    return ob if free and ob.dtype == ct else _scratch.get(2, ct, ob.shape)
+
+
+def _row_dot(
+    y: Array, g: Array, mb: Array | None, kind: str, ob: Array, aliases: tuple[bool, bool]
+) -> Array:
+    """The row statistic; the output block serves as work space unless it is ``y`` or ``g``."""
     if kind == "log_vjp":
         return _row_sum(g, mb)
     if kind == "log_jvp":
-        y = np.exp(y, out=_scratch.get(2, ct, y.shape))
+        y = np.exp(y, out=_tmp(ob, y.dtype, not any(aliases)))
     if mb is None and y.ndim == 2:
         return np.expand_dims(_vecdot(y, g), 1)
-    return _row_sum(np.multiply(y, g, out=_scratch.get(2, ct, y.shape)), mb)
+    return _row_sum(np.multiply(y, g, out=_tmp(ob, y.dtype, not any(aliases))), mb)
 
 
 def _update(
-    y: Array, g: Array, mb: Array | None, dot: Array, kind: str, ob: Array, out_is_y: bool
+    y: Array,
+    g: Array,
+    mb: Array | None,
+    dot: Array,
+    kind: str,
+    ob: Array,
+    aliases: tuple[bool, bool],
 ) -> None:
-    """Write the update into ``ob``; ``y``/``g`` may be the very memory of ``ob``."""
+    """Write the update into ``ob``; ``ob`` may be the very memory of ``y`` or ``g``
+    (``aliases``), so each step below reads an input before it is overwritten."""
     ct = y.dtype
     direct = ob.dtype == ct
-    tmp = _scratch.get(2, ct, y.shape)
+    out_is_y, out_is_g = aliases
     if kind == "softmax":
-        t = ob if direct and not out_is_y else tmp
+        t = _tmp(ob, ct, not out_is_y)
         np.subtract(g, dot, out=t)
         r = ob if direct else t
         np.multiply(t, y, out=r)
     elif kind == "log_vjp":
-        e = np.multiply(np.exp(y, out=tmp), dot, out=tmp)
-        r = ob if direct else tmp
+        e = _tmp(ob, ct, not out_is_g)
+        np.multiply(np.exp(y, out=e), dot, out=e)
+        r = ob if direct else e
         np.subtract(g, e, out=r)
     else:
-        r = ob if direct else tmp
+        r = _tmp(ob, ct, True)
         np.subtract(g, dot, out=r)
     if mb is not None:
         np.copyto(r, 0, where=_not(mb))
@@ -750,7 +766,7 @@ def _update(
 
 def _product(c: _Call, kind: str) -> Array:
     (yv, gv), mv, ov, plan, ct = c.inputs, c.mask, c.out, c.plan, c.ct
-    out_is_y = c.aliases[0]
+    aliases = (c.aliases[0], c.aliases[1])
 
     def load(blk: tuple[slice, ...]) -> tuple[Array, Array, Array | None]:
         return _load(yv[blk], ct, 0), _load(gv[blk], ct, 1), None if mv is None else mv[blk]
@@ -760,7 +776,8 @@ def _product(c: _Call, kind: str) -> Array:
         def task(t: int) -> None:
             blk, _ = plan.index(t)
             y, g, mb = load(blk)
-            _update(y, g, mb, _row_dot(y, g, mb, kind, ct), kind, ov[blk], out_is_y)
+            ob = ov[blk]
+            _update(y, g, mb, _row_dot(y, g, mb, kind, ob, aliases), kind, ob, aliases)
 
         _run(c, task)
         return c.finish()
@@ -769,7 +786,7 @@ def _product(c: _Call, kind: str) -> Array:
 
     def dot_pass(t: int) -> None:
         blk, st = plan.index(t)
-        d_part[st] = _row_dot(*load(blk), kind, ct)
+        d_part[st] = _row_dot(*load(blk), kind, ov[blk], aliases)
 
     _run(c, dot_pass)
     dot = np.sum(d_part, axis=1, keepdims=True)
@@ -777,7 +794,7 @@ def _product(c: _Call, kind: str) -> Array:
     def update_pass(t: int) -> None:
         blk, st = plan.index(t)
         y, g, mb = load(blk)
-        _update(y, g, mb, _rows(st, dot), kind, ov[blk], out_is_y)
+        _update(y, g, mb, _rows(st, dot), kind, ov[blk], aliases)
 
     _run(c, update_pass)
     return c.finish()
