@@ -242,13 +242,20 @@ def _launch_rows(fwd: bool, arrays: tuple[Any, ...], mask: Any | None, flag: int
     return res
 
 
+def split_chunks(n: int, dtype: str) -> tuple[int, int]:
+    """Split-row plan for rows of ``n``: (chunk elements, chunks a row).
+
+    A chunk is a whole number of 16-byte packs, so every chunk of an aligned row starts aligned.
+    """
+    v = specs.VEC[dtype]
+    chunk = max(v, (SPLIT_CHUNK_BYTES // np.dtype(dtype).itemsize) // v * v)
+    return chunk, -(-n // chunk)
+
+
 def _launch_split(direction, dtype, ptrs, rows, n, vec) -> None:
     """The split-row tier: two launches over (row, chunk) items (see kernels/softmax_split.cu)."""
     cp = _cp()
-    itemsize = np.dtype(dtype).itemsize
-    v = specs.VEC[dtype]
-    chunk = max(v, (SPLIT_CHUNK_BYTES // itemsize) // v * v)
-    C = -(-n // chunk)
+    chunk, C = split_chunks(n, dtype)
     items = rows * C
     acc = np.float64 if dtype == "float64" else np.float32
     part = cp.empty(items * (2 if direction == "fwd" else 1), dtype=acc)

@@ -1,0 +1,111 @@
+"""The CuPy side without a GPU: the module imports, and its planning picks kernels that exist.
+
+CuPy installs and imports on machines without a GPU (CI), so everything up to the first device
+call is checked here: the tier choice for every row length, that each choice names a template
+instantiation the compile check covers, that a register-tier row fits its lanes and packs, that a
+block-tier row fits the shared memory it asks for, stride merging, and the split-row chunking.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+pytest.importorskip("cupy", reason="the CuPy-side modules need CuPy installed")
+
+from xpsoftmax import _cupy  # noqa: E402
+from xpsoftmax import _kernel_specs as specs  # noqa: E402
+
+SMEM_H100 = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin on Hopper
+SMEM_A100 = 163 * 1024
+LENGTHS = sorted(
+    {*range(1, 140), *(2**k + d for k in range(7, 21) for d in (-1, 0, 1)), 1000, 4096, 65537}
+)
+DTYPES = ("float16", "float32", "float64")
+
+
+@pytest.mark.parametrize("smem", [SMEM_H100, SMEM_A100])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("arrays", [1, 2])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_every_tier_choice_is_a_compiled_kernel_that_fits(dtype, arrays, masked, smem):
+    names = set(specs.SOURCES["softmax.cu"])
+    direction = "fwd" if arrays == 1 else "bwd"
+    v = specs.VEC[dtype]
+    itemsize = np.dtype(dtype).itemsize
+    seen = []
+    for n in LENGTHS:
+        tier = _cupy.choose_tier(n, dtype, arrays, masked, smem)
+        seen.append(tier.name)
+        row_bytes = arrays * (-(-n * itemsize // 16) * 16) + (n if masked else 0)
+        if tier.name == "warp":
+            assert n <= _cupy.WARP_MAX[dtype]
+            assert specs.warp_name(direction, dtype, tier.lanes, tier.packs) in names
+            assert tier.lanes * tier.packs * v >= n, (n, tier)  # the row fits the registers
+        elif tier.name == "block":
+            assert specs.block_name(direction, dtype, tier.block) in names
+            assert tier.smem == row_bytes
+            assert tier.smem + _cupy.BLOCK_SMEM_SLACK <= smem
+        else:
+            assert tier.name == "split"
+            assert row_bytes + _cupy.BLOCK_SMEM_SLACK > smem  # only rows no block can cache
+    # Tiers only move up as rows get longer: warp, then block, then split.
+    order = {"warp": 0, "block": 1, "split": 2}
+    ranks = [order[t] for t in seen]
+    assert ranks == sorted(ranks)
+    assert seen[0] == "warp" and seen[-1] == "split"
+
+
+@pytest.mark.parametrize("forced", ["warp", "block", "split"])
+def test_forced_tier_applies_where_it_can_take_the_row(forced):
+    assert _cupy.choose_tier(100, "float32", 1, False, SMEM_H100, forced).name == forced
+    # The register tier cannot hold 10000 elements: forcing it falls back to the block tier.
+    expected = "block" if forced == "warp" else forced
+    assert _cupy.choose_tier(10_000, "float32", 1, False, SMEM_H100, forced).name == expected
+    # Nor can a block hold a million: only the split-row tier can.
+    assert _cupy.choose_tier(1 << 20, "float32", 1, False, SMEM_H100, forced).name == "split"
+
+
+def test_split_names_and_chunks():
+    split_names = set(specs.SOURCES["softmax_split.cu"])
+    for dtype in DTYPES:
+        v = specs.VEC[dtype]
+        for direction in ("fwd", "bwd"):
+            for phase in ("part", "apply"):
+                assert specs.split_name(direction, phase, dtype) in split_names
+        for n in (1, v, v + 1, 65537, 1 << 20, 3 * (1 << 20) + 5):
+            chunk, count = _cupy.split_chunks(n, dtype)
+            assert chunk % v == 0 and chunk > 0  # chunks start on 16-byte boundaries
+            assert (count - 1) * chunk < n <= count * chunk  # every element, no empty chunk
+            assert chunk * np.dtype(dtype).itemsize <= _cupy.SPLIT_CHUNK_BYTES
+
+
+def test_strided_names_exist():
+    names = set(specs.SOURCES["softmax.cu"])
+    for dtype in DTYPES:
+        for direction in ("fwd", "bwd"):
+            for cached in (True, False):
+                assert specs.strided_name(direction, dtype, cached) in names
+
+
+@pytest.mark.parametrize(
+    ("shape", "strides", "expected"),
+    [
+        ((3, 4), (4, 1), 1),  # C order: one stride walks both
+        ((3, 4), (8, 1), None),  # padded rows
+        ((3, 4), (0, 0), 0),  # broadcast from a scalar
+        ((3, 4), (0, 1), None),  # broadcast along rows only
+        ((3, 1, 4), (4, 99, 1), 1),  # size-1 dimensions never matter
+        ((), (), 0),
+        ((5,), (-2,), -2),  # a reversed view is still one stride
+    ],
+)
+def test_merge_dims(shape, strides, expected):
+    assert _cupy.merge_dims(shape, strides) == expected
+
+
+def test_takes_the_kernel_dtypes_only():
+    assert all(_cupy.takes(np.zeros(1, d), always=False) for d in DTYPES)
+    assert not _cupy.takes(np.zeros(1, np.longdouble), always=False)
+    with pytest.raises(TypeError, match="float16/32/64"):
+        _cupy.takes(np.zeros(1, np.longdouble), always=True)
