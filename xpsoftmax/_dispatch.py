@@ -97,6 +97,7 @@ def select(x: Any, axes: tuple[int, ...] | None = None) -> ModuleType | None:
     The returned module has ``forward``, ``backward`` and ``jvp`` with the signatures of the
     functions in ``_generic`` plus an ``out`` argument.
     """
+    mode = get_kernels()  # first, so that a bad XPSOFTMAX_KERNELS is an error on every input
     if _compat.is_numpy_array(x):
         # NumPy arrays take the cache-blocked, multi-threaded CPU path (XPSOFTMAX_NUMPY_FAST=0 off).
         from . import _numpy
@@ -108,7 +109,6 @@ def select(x: Any, axes: tuple[int, ...] | None = None) -> ModuleType | None:
         from . import _dask
 
         return _dask if _dask.takes(x, axes) else None
-    mode = get_kernels()
     if mode == "never":
         return None
     if _compat.is_cupy_array(x):
