@@ -240,11 +240,6 @@ def _backward(y, g, axis, where, out, log, names, jvp):
 # --------------------------------------------------------------------------------------------
 # public functions
 
-_AXIS_DOC = """axis : int or tuple of ints or None, optional
-        Axis or axes along which softmax normalizes (default ``-1``); negative values count from
-        the end, ``None`` means all axes, as in :func:`scipy.special.softmax`. An axis out of range
-        raises :class:`numpy.exceptions.AxisError` (a ``ValueError``)."""
-
 
 def softmax(x: Array, /, axis: Axis = -1, *, where: Array | None = None, out: Array | None = None):
     r"""Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``.
