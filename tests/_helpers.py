@@ -308,3 +308,15 @@ def cached_reference(fn):
         return np.array(out)
 
     return wrapper
+
+
+def has_gpu() -> bool:
+    """True when CuPy is installed and sees a usable CUDA device (tests that need one skip)."""
+    try:
+        import cupy
+    except ImportError:
+        return False
+    try:
+        return bool(cupy.is_available())
+    except Exception:
+        return False

@@ -21,21 +21,11 @@ import numpy as np
 import pytest
 import scipy.special
 import torch
+from _helpers import has_gpu
 
 from xpsoftmax import _batch, _batch_dask, _batch_gpu, cli
 
 TIMEOUT = 180
-
-
-def _has_gpu() -> bool:
-    try:
-        import cupy
-    except ImportError:
-        return False
-    try:
-        return bool(cupy.is_available())
-    except Exception:
-        return False
 
 
 def _save(folder: Path, name: str, array: np.ndarray, fortran: bool = False) -> str:
@@ -316,7 +306,7 @@ def test_device_choice(monkeypatch):
     assert _batch.pick_device("cpu") is None
 
 
-@pytest.mark.skipif(_has_gpu(), reason="checks the error raised where no GPU is present")
+@pytest.mark.skipif(has_gpu(), reason="checks the error raised where no GPU is present")
 def test_device_gpu_without_gpu_is_one_line_error(tmp_path):
     x = _save(tmp_path, "x.npy", np.zeros((2, 3)))
     done = subprocess.run(
@@ -346,7 +336,7 @@ def test_device_gpu_without_gpu_is_one_line_error(tmp_path):
     assert _listing(tmp_path) == ["x.npy"]
 
 
-@pytest.mark.skipif(_has_gpu(), reason="auto picks the GPU where one is present")
+@pytest.mark.skipif(has_gpu(), reason="auto picks the GPU where one is present")
 def test_device_auto_without_gpu_runs_on_the_cpu(tmp_path, capsys):
     x = _save(tmp_path, "x.npy", np.zeros((2, 3)))
     status, out, _ = _main(["run", "softmax", x, "-o", tmp_path / "y.npy"], capsys)
@@ -560,7 +550,7 @@ def test_gpu_loop_error_midway_leaves_no_output(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs CuPy and a CUDA device")
+@pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
 @pytest.mark.parametrize(("op", "shape", "axis", "fortran", "mask", "mb"), GPU_CASES)
 def test_gpu_run_matches_the_cpu(op, shape, axis, fortran, mask, mb, tmp_path, capsys):
     paths, extra = _gpu_inputs(tmp_path, op, shape, axis, fortran, mask)
@@ -761,13 +751,13 @@ def test_bench_usage_errors(argv, expected, capsys):
     _one_line_error(*_main(argv, capsys), expected)
 
 
-@pytest.mark.skipif(_has_gpu(), reason="checks the error raised where no GPU is present")
+@pytest.mark.skipif(has_gpu(), reason="checks the error raised where no GPU is present")
 def test_bench_device_gpu_without_gpu(capsys):
     _one_line_error(*_main(["bench", "--device", "gpu"], capsys), "bench: --device gpu: no CUDA")
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs CuPy and a CUDA device")
+@pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
 def test_bench_gpu_rows(capsys):
     status, out, err = _main(["bench", "--elements", "65536", "--repeat", "2"], capsys)
     assert status == 0, err

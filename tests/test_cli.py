@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import scipy.special
+from _helpers import has_gpu
 
 import xpsoftmax
 from xpsoftmax import _demo, cli
@@ -52,17 +53,6 @@ def _lines(text: str) -> dict[str, str]:
             label, _, rest = line.partition(" ")
             out[label] = rest.strip()
     return out
-
-
-def _has_gpu() -> bool:
-    try:
-        import cupy
-    except ImportError:
-        return False
-    try:
-        return bool(cupy.is_available())
-    except Exception:
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -156,7 +146,7 @@ def test_demo_batch_is_deterministic_and_reference_matches_scipy():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs CuPy and a CUDA device")
+@pytest.mark.skipif(not has_gpu(), reason="needs CuPy and a CUDA device")
 @pytest.mark.parametrize("mode", ["auto", "never"])
 def test_demo_on_the_gpu(mode):
     done = _run("demo", "--device", "gpu", env=_env(XPSOFTMAX_KERNELS=mode))
@@ -168,7 +158,7 @@ def test_demo_on_the_gpu(mode):
     assert lines["result"] == "all checks passed"
 
 
-@pytest.mark.skipif(_has_gpu(), reason="checks the error raised where no GPU is present")
+@pytest.mark.skipif(has_gpu(), reason="checks the error raised where no GPU is present")
 def test_demo_device_gpu_without_gpu_is_one_line_error():
     done = _run("demo", "--device", "gpu")
     assert done.returncode == 2
@@ -207,7 +197,7 @@ def test_info_reports_versions_without_importing_frameworks():
     assert rows["jax"] == importlib.metadata.version("jax")
     assert rows["dask"] == importlib.metadata.version("dask")
     assert rows["cupy"].startswith(importlib.metadata.version("cupy-cuda13x"))
-    if _has_gpu():
+    if has_gpu():
         assert re.match(r"\d+ \(0: ", rows["CUDA devices"])
     else:
         assert rows["CUDA devices"].startswith("none")

@@ -20,6 +20,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from _helpers import has_gpu
 
 from xpsoftmax import _kcheck, _kernels
 from xpsoftmax._kernel_specs import SOURCES
@@ -52,14 +53,6 @@ def _check(archs, sources, directory):
     out, err = io.StringIO(), io.StringIO()
     status = _kcheck.check(archs, sources=sources, directory=directory, out=out, err=err)
     return status, out.getvalue(), err.getvalue()
-
-
-def _has_gpu() -> bool:
-    try:
-        import cupy
-    except ImportError:
-        return False
-    return bool(cupy.is_available())
 
 
 # --------------------------------------------------------------------------------------------
@@ -303,7 +296,7 @@ def test_modules_import_without_cupy():
     assert done.stdout.splitlines() == [str(KERNELS / f) for f in SOURCES]
 
 
-@pytest.mark.skipif(_has_gpu(), reason="checks the error raised where no GPU is present")
+@pytest.mark.skipif(has_gpu(), reason="checks the error raised where no GPU is present")
 def test_without_a_device_the_loader_raises_a_clear_error():
     cupy = pytest.importorskip("cupy")
     assert not cupy.is_available()
@@ -531,7 +524,7 @@ def test_wheel_ships_the_sources_and_the_installed_package_finds_them(tmp_path):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA device")
+@pytest.mark.skipif(not has_gpu(), reason="needs a CUDA device")
 def test_every_kernel_compiles_with_nvrtc_and_sizes_a_grid():
     import cupy
 
@@ -553,7 +546,7 @@ def test_every_kernel_compiles_with_nvrtc_and_sizes_a_grid():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _has_gpu(), reason="needs a CUDA device")
+@pytest.mark.skipif(not has_gpu(), reason="needs a CUDA device")
 def test_an_nvrtc_compile_error_names_the_source_file(tmp_path, monkeypatch):
     from cupy.cuda.compiler import CompileException
 
