@@ -25,13 +25,32 @@ using namespace xps;
 // A pack of V = 16 / sizeof(T) elements starting at column c0 (a multiple of V): one 16-byte access
 // when the pack is whole and aligned, element by element otherwise (columns >= n read as 0).
 template <typename T>
-__device__ __forceinline__ Pack<T> ld_pack(const T* __restrict__ row, int c0, int n, bool vec) {
+__device__ __forceinline__ Pack<T> ld_pack(const T* __restrict__ row, int c0, int n, bool vec,
+                                           T fill = from_acc<T>(0)) {
   constexpr int V = Vec<T>::N;
   if (vec && c0 + V <= n) return *reinterpret_cast<const Pack<T>*>(row + c0);
   Pack<T> pk;
 #pragma unroll
-  for (int e = 0; e < V; ++e) pk.v[e] = c0 + e < n ? row[c0 + e] : from_acc<T>(0);
+  for (int e = 0; e < V; ++e) pk.v[e] = c0 + e < n ? row[c0 + e] : fill;
   return pk;
+}
+
+// A pack of T from V accumulator values (float16: two per conversion instruction).
+template <typename T, typename A> __device__ __forceinline__ Pack<T> to_pack(const A* a) {
+  Pack<T> o;
+#pragma unroll
+  for (int e = 0; e < Vec<T>::N; ++e) o.v[e] = from_acc<T>(a[e]);
+  return o;
+}
+template <> __device__ __forceinline__ Pack<__half> to_pack<__half, float>(const float* a) {
+  Pack<__half> o;
+#pragma unroll
+  for (int e = 0; e < 8; e += 2) {
+    const __half2 h = __floats2half2_rn(a[e], a[e + 1]);
+    o.v[e] = __low2half(h);
+    o.v[e + 1] = __high2half(h);
+  }
+  return o;
 }
 
 template <typename T>
@@ -187,6 +206,107 @@ __device__ __forceinline__ void fwd_warp_converted(const T* __restrict__ x, long
   }
 }
 
+
+// Unmasked rows (the common case) take these bodies: no per-element tests at all. Columns past
+// the row's end are read as -inf (forward) or 0 (backward), which add nothing to a max or a sum,
+// and are never stored. The max is the plain hardware max (it skips NaN): a NaN in the row then
+// makes S NaN and with it every output, as the row rule asks; a row of -inf has M = -inf, so
+// x - M is NaN, as the rule asks too. A warp holding a row whose max is +inf or NaN takes the
+// general rule (expw / fwd_out), on values already in registers.
+// The rest of an unmasked row once its values v (columns past the end at -inf) and their plain
+// max M (over the row's LANES lanes) are known: v becomes the output.
+template <int LANES, int NV, bool LOG, typename A>
+__device__ __forceinline__ void fwd_plain_finish(A (&v)[NV], A M) {
+  A S = A(0);
+  // The test is warp-wide: with LANES < 32 the warp holds several rows, and both branches shuffle
+  // over the whole warp. The general branch is right for every row, only slower.
+  if (__all_sync(0xffffffffu, M < inf<A>())) {
+    // Softmax keeps exp(x - M) for the output (one exp an element); log-softmax keeps x.
+#pragma unroll
+    for (int i = 0; i < NV; ++i) {
+      const A ew = xexp(v[i] - M);
+      S += ew;
+      if (!LOG) v[i] = ew;
+    }
+    S = warp_sum<LANES>(S);
+    if (LOG) {
+      const A logS = xlog(S);
+#pragma unroll
+      for (int i = 0; i < NV; ++i) v[i] = (v[i] - M) - logS;
+    } else {
+      const A inv = xrcp(S);
+#pragma unroll
+      for (int i = 0; i < NV; ++i) v[i] *= inv;
+    }
+  } else {
+    // +inf or NaN max (rare): the general rule, with the NaN-propagating max.
+    M = -inf<A>();
+#pragma unroll
+    for (int i = 0; i < NV; ++i) M = nmax(M, v[i]);
+    M = warp_max<LANES>(M);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) S += expw(v[i], M);
+    S = warp_sum<LANES>(S);
+    const A inv = xrcp(S);
+    const A logS = xlog(S);
+#pragma unroll
+    for (int i = 0; i < NV; ++i) v[i] = fwd_out(v[i], M, inv, logS, LOG, true);
+  }
+}
+
+// Unmasked rows (the common case) take these bodies: no per-element tests at all. Columns past
+// the row's end are read as -inf (forward) or 0 (backward), which add nothing to a max or a sum,
+// and are never stored. The max is the plain hardware max (it skips NaN): a NaN in the row then
+// makes S NaN and with it every output, as the row rule asks; a row of -inf has M = -inf, so
+// x - M is NaN, as the rule asks too. A warp holding a row whose max is +inf or NaN takes the
+// general rule (expw / fwd_out), on values already in registers.
+template <typename T, int LANES, int PACKS>
+__device__ __forceinline__ void fwd_warp_plain(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy, long long rows, int n, int log, int vec) {
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  constexpr int RPW = 32 / LANES;
+  const int lane = threadIdx.x % LANES;
+  const int sub = (threadIdx.x % 32) / LANES;
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
+  const T ninf = from_acc<T>(-inf<A>());
+  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
+    const long long r = r0 + sub;
+    const bool valid = r < rows;
+    Pack<T> pk[PACKS];
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {  // all loads first (see fwd_warp_packed)
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) {
+        pk[k] = ld_pack<T>(x + r * ldx, c0, n, vec, ninf);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) pk[k].v[e] = ninf;
+      }
+    }
+    A v[PACKS * V];
+    A M = -inf<A>();
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k)
+#pragma unroll
+      for (int e = 0; e < V; ++e) {
+        v[k * V + e] = to_acc(pk[k].v[e]);
+        M = fmax(M, v[k * V + e]);
+      }
+#pragma unroll
+    for (int o = LANES / 2; o > 0; o >>= 1) M = fmax(M, __shfl_xor_sync(0xffffffffu, M, o, LANES));
+    if (log)
+      fwd_plain_finish<LANES, PACKS * V, true>(v, M);
+    else
+      fwd_plain_finish<LANES, PACKS * V, false>(v, M);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) st_pack<T>(y + r * ldy, c0, n, vec, to_pack<T>(v + k * V));
+    }
+  }
+}
+
 template <typename T, int LANES, int PACKS>
 __global__ void __launch_bounds__(128, 4)
     xps_fwd_warp(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy,
@@ -195,6 +315,14 @@ __global__ void __launch_bounds__(128, 4)
     fwd_warp_converted<T, LANES, PACKS>(x, ldx, y, ldy, mp, mrs, mcs, rows, n, log, vec);
   else
     fwd_warp_packed<T, LANES, PACKS>(x, ldx, y, ldy, mp, mrs, mcs, rows, n, log, vec);
+}
+
+// Rows without a mask (the host passes mp == nullptr only here): fwd_warp_plain.
+template <typename T, int LANES, int PACKS>
+__global__ void __launch_bounds__(128, 4)
+    xps_fwd_warp_plain(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy,
+                       const unsigned char*, long long, long long, long long rows, int n, int log, int vec) {
+  fwd_warp_plain<T, LANES, PACKS>(x, ldx, y, ldy, rows, n, log, vec);
 }
 
 template <typename T, int LANES, int PACKS>
@@ -303,6 +431,53 @@ __device__ __forceinline__ void bwd_warp_converted(const T* __restrict__ y, long
   }
 }
 
+
+// Unmasked backward / JVP rows: no per-element tests (columns past the end read as 0 and add 0 to
+// S for every op), the row kept as loaded and converted again in the output pass.
+template <typename T, int LANES, int PACKS, int OP>
+__device__ __forceinline__ void bwd_warp_plain(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg, T* __restrict__ dx, long long ldd, long long rows, int n, int vec) {
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  constexpr int RPW = 32 / LANES;
+  const int lane = threadIdx.x % LANES;
+  const int sub = (threadIdx.x % 32) / LANES;
+  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
+  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
+  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
+    const long long r = r0 + sub;
+    const bool valid = r < rows;
+    Pack<T> py[PACKS];
+    Pack<T> pg[PACKS];
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) {
+        py[k] = ld_pack<T>(y + r * ldy, c0, n, vec);
+        pg[k] = ld_pack<T>(g + r * ldg, c0, n, vec);
+      } else {
+#pragma unroll
+        for (int e = 0; e < V; ++e) py[k].v[e] = pg[k].v[e] = from_acc<T>(0);
+      }
+    }
+    A S = A(0);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k)
+#pragma unroll
+      for (int e = 0; e < V; ++e) S += bwd_term(to_acc(py[k].v[e]), to_acc(pg[k].v[e]), OP);
+    S = warp_sum<LANES>(S);
+#pragma unroll
+    for (int k = 0; k < PACKS; ++k) {
+      const int c0 = (k * LANES + lane) * V;
+      if (valid && c0 < n) {
+        A o[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) o[e] = bwd_out(to_acc(py[k].v[e]), to_acc(pg[k].v[e]), S, OP, true);
+        st_pack<T>(dx + r * ldd, c0, n, vec, to_pack<T>(o));
+      }
+    }
+  }
+}
+
 template <typename T, int LANES, int PACKS>
 __global__ void __launch_bounds__(128, 4)
     xps_bwd_warp(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg,
@@ -312,6 +487,20 @@ __global__ void __launch_bounds__(128, 4)
     bwd_warp_converted<T, LANES, PACKS>(y, ldy, g, ldg, dx, ldd, mp, mrs, mcs, rows, n, op, vec);
   else
     bwd_warp_packed<T, LANES, PACKS>(y, ldy, g, ldg, dx, ldd, mp, mrs, mcs, rows, n, op, vec);
+}
+
+// Rows without a mask: bwd_warp_plain.
+template <typename T, int LANES, int PACKS>
+__global__ void __launch_bounds__(128, 4)
+    xps_bwd_warp_plain(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg,
+                       T* __restrict__ dx, long long ldd, const unsigned char*, long long, long long, long long rows, int n, int op,
+                       int vec) {
+  if (op == OP_SOFTMAX)
+    bwd_warp_plain<T, LANES, PACKS, OP_SOFTMAX>(y, ldy, g, ldg, dx, ldd, rows, n, vec);
+  else if (op == OP_LOG_VJP)
+    bwd_warp_plain<T, LANES, PACKS, OP_LOG_VJP>(y, ldy, g, ldg, dx, ldd, rows, n, vec);
+  else
+    bwd_warp_plain<T, LANES, PACKS, OP_LOG_JVP>(y, ldy, g, ldg, dx, ldd, rows, n, vec);
 }
 
 // ------------------------------------------------------------------------------------------------
@@ -441,6 +630,150 @@ __global__ void __launch_bounds__(BLOCK, 1)
     }
     __syncthreads();
   }
+}
+
+
+// Block tier without a mask: the same row rule with no per-element tests, and shared memory read in
+// 16-byte packs in every pass (the shared copy is 16-byte aligned whatever the global layout).
+// As in the plain warp bodies, the hardware max skips NaN (S then carries it); a row whose max is
+// +inf or NaN takes the general rule. The row is one block's, so every test here is block-uniform.
+// At most 64 registers a thread (the launch bound), so that two rows' blocks share a multiprocessor.
+template <typename T, int BLOCK, bool LOG>
+__device__ __forceinline__ void fwd_block_plain(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy, long long rows, int n, int vec) {
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ A red[64];
+  T* xs = reinterpret_cast<T*>(smem);
+  const Pack<T>* xsp = reinterpret_cast<const Pack<T>*>(xs);
+  const int tid = threadIdx.x;
+  const int npk = vec ? n / V : 0;  // packs moved to and from global memory
+  const int nsp = n / V;            // packs read from shared memory
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* xr = x + r * ldx;
+    A M = -inf<A>();
+    for (int p = tid; p < npk; p += BLOCK) {
+      const Pack<T> pk = reinterpret_cast<const Pack<T>*>(xr)[p];
+      reinterpret_cast<Pack<T>*>(xs)[p] = pk;
+#pragma unroll
+      for (int e = 0; e < V; ++e) M = fmax(M, to_acc(pk.v[e]));
+    }
+    for (int c = npk * V + tid; c < n; c += BLOCK) {
+      const T t = xr[c];
+      xs[c] = t;
+      M = fmax(M, to_acc(t));
+    }
+    M = block_max<BLOCK>(M, red);  // also the barrier that publishes xs
+    T* yr = y + r * ldy;
+    if (M < inf<A>()) {
+      A S = A(0);
+      for (int p = tid; p < nsp; p += BLOCK) {
+        const Pack<T> pk = xsp[p];
+#pragma unroll
+        for (int e = 0; e < V; ++e) S += xexp(to_acc(pk.v[e]) - M);
+      }
+      for (int c = nsp * V + tid; c < n; c += BLOCK) S += xexp(to_acc(xs[c]) - M);
+      S = block_sum<BLOCK>(S, red);
+      const A inv = xrcp(S);
+      const A logS = xlog(S);
+      for (int p = tid; p < nsp; p += BLOCK) {
+        const Pack<T> pk = xsp[p];
+        A o[V];
+#pragma unroll
+        for (int e = 0; e < V; ++e) {
+          const A d = to_acc(pk.v[e]) - M;
+          o[e] = LOG ? d - logS : xexp(d) * inv;
+        }
+        st_pack<T>(yr, p * V, n, vec, to_pack<T>(o));
+      }
+      for (int c = nsp * V + tid; c < n; c += BLOCK) {
+        const A d = to_acc(xs[c]) - M;
+        yr[c] = from_acc<T>(LOG ? d - logS : xexp(d) * inv);
+      }
+    } else {
+      // +inf or NaN max (rare): the general rule, with the NaN-propagating max.
+      A M2 = -inf<A>();
+      for (int c = tid; c < n; c += BLOCK) M2 = nmax(M2, to_acc(xs[c]));
+      M2 = block_max<BLOCK>(M2, red);
+      A S = A(0);
+      for (int c = tid; c < n; c += BLOCK) S += expw(to_acc(xs[c]), M2);
+      S = block_sum<BLOCK>(S, red);
+      const A inv = xrcp(S);
+      const A logS = xlog(S);
+      for (int c = tid; c < n; c += BLOCK) yr[c] = from_acc<T>(fwd_out(to_acc(xs[c]), M2, inv, logS, LOG, true));
+    }
+    __syncthreads();
+  }
+}
+
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, 1024 / BLOCK)
+    xps_fwd_block_plain(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy,
+                        const unsigned char*, long long, long long, long long rows, int n, int log, int vec) {
+  if (log)
+    fwd_block_plain<T, BLOCK, true>(x, ldx, y, ldy, rows, n, vec);
+  else
+    fwd_block_plain<T, BLOCK, false>(x, ldx, y, ldy, rows, n, vec);
+}
+
+template <typename T, int BLOCK, int OP>
+__device__ __forceinline__ void bwd_block_plain(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg, T* __restrict__ dx, long long ldd, long long rows, int n, int vec) {
+  using A = typename AccT<T>::type;
+  constexpr int V = Vec<T>::N;
+  extern __shared__ __align__(16) unsigned char smem[];
+  __shared__ A red[64];
+  const long long arr = pad16((long long)n * sizeof(T));
+  T* ys = reinterpret_cast<T*>(smem);
+  T* gs = reinterpret_cast<T*>(smem + arr);
+  const int tid = threadIdx.x;
+  const int npk = vec ? n / V : 0;
+  const int nsp = n / V;
+  for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
+    const T* yr = y + r * ldy;
+    const T* gr = g + r * ldg;
+    A S = A(0);
+    for (int p = tid; p < npk; p += BLOCK) {
+      const Pack<T> py = reinterpret_cast<const Pack<T>*>(yr)[p];
+      const Pack<T> pg = reinterpret_cast<const Pack<T>*>(gr)[p];
+      reinterpret_cast<Pack<T>*>(ys)[p] = py;
+      reinterpret_cast<Pack<T>*>(gs)[p] = pg;
+#pragma unroll
+      for (int e = 0; e < V; ++e) S += bwd_term(to_acc(py.v[e]), to_acc(pg.v[e]), OP);
+    }
+    for (int c = npk * V + tid; c < n; c += BLOCK) {
+      const T ty = yr[c];
+      const T tg = gr[c];
+      ys[c] = ty;
+      gs[c] = tg;
+      S += bwd_term(to_acc(ty), to_acc(tg), OP);
+    }
+    S = block_sum<BLOCK>(S, red);  // also the barrier that publishes ys, gs
+    T* dr = dx + r * ldd;
+    for (int p = tid; p < nsp; p += BLOCK) {
+      const Pack<T> py = reinterpret_cast<const Pack<T>*>(ys)[p];
+      const Pack<T> pg = reinterpret_cast<const Pack<T>*>(gs)[p];
+      A o[V];
+#pragma unroll
+      for (int e = 0; e < V; ++e) o[e] = bwd_out(to_acc(py.v[e]), to_acc(pg.v[e]), S, OP, true);
+      st_pack<T>(dr, p * V, n, vec, to_pack<T>(o));
+    }
+    for (int c = nsp * V + tid; c < n; c += BLOCK)
+      dr[c] = from_acc<T>(bwd_out(to_acc(ys[c]), to_acc(gs[c]), S, OP, true));
+    __syncthreads();
+  }
+}
+
+template <typename T, int BLOCK>
+__global__ void __launch_bounds__(BLOCK, 1024 / BLOCK)
+    xps_bwd_block_plain(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg,
+                        T* __restrict__ dx, long long ldd, const unsigned char*, long long, long long, long long rows, int n, int op,
+                        int vec) {
+  if (op == OP_SOFTMAX)
+    bwd_block_plain<T, BLOCK, OP_SOFTMAX>(y, ldy, g, ldg, dx, ldd, rows, n, vec);
+  else if (op == OP_LOG_VJP)
+    bwd_block_plain<T, BLOCK, OP_LOG_VJP>(y, ldy, g, ldg, dx, ldd, rows, n, vec);
+  else
+    bwd_block_plain<T, BLOCK, OP_LOG_JVP>(y, ldy, g, ldg, dx, ldd, rows, n, vec);
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -39,11 +39,12 @@ def test_every_tier_choice_is_a_compiled_kernel_that_fits(dtype, arrays, masked,
         seen.append(tier.name)
         row_bytes = arrays * (-(-n * itemsize // 16) * 16) + (n if masked else 0)
         if tier.name == "warp":
-            assert n <= _cupy.WARP_MAX[dtype]
-            assert specs.warp_name(direction, dtype, tier.lanes, tier.packs) in names
+            plain_fwd = arrays == 1 and not masked and dtype in _cupy.WARP_MAX_PLAIN_FWD
+            assert n <= (_cupy.WARP_MAX_PLAIN_FWD if plain_fwd else _cupy.WARP_MAX)[dtype]
+            assert specs.warp_name(direction, dtype, tier.lanes, tier.packs, masked) in names
             assert tier.lanes * tier.packs * v >= n, (n, tier)  # the row fits the registers
         elif tier.name == "block":
-            assert specs.block_name(direction, dtype, tier.block) in names
+            assert specs.block_name(direction, dtype, tier.block, masked) in names
             assert tier.smem == row_bytes
             assert tier.smem + _cupy.BLOCK_SMEM_SLACK <= smem
         else:
@@ -109,3 +110,14 @@ def test_takes_the_kernel_dtypes_only():
     assert not _cupy.takes(np.zeros(1, np.longdouble), always=False)
     with pytest.raises(TypeError, match="float16/32/64"):
         _cupy.takes(np.zeros(1, np.longdouble), always=True)
+
+
+@pytest.mark.parametrize(("dtype", "packs"), [("float16", 8), ("float32", 16)])
+def test_unmasked_forward_rows_of_2048_stay_in_registers(dtype, packs):
+    # Only the unmasked forward kernels hold 2048 elements a row in registers; the masked and
+    # the backward ones would spill there and use the block tier.
+    assert _cupy.choose_tier(2048, dtype, 1, False, SMEM_H100) == _cupy.Tier("warp", 32, packs)
+    assert _cupy.choose_tier(2049, dtype, 1, False, SMEM_H100).name == "block"
+    assert _cupy.choose_tier(2048, dtype, 1, True, SMEM_H100).name == "block"
+    assert _cupy.choose_tier(2048, dtype, 2, False, SMEM_H100).name == "block"
+    assert _cupy.choose_tier(1024, dtype, 2, True, SMEM_H100).name == "warp"

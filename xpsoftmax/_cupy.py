@@ -37,6 +37,8 @@ _NAMES = {"e": "float16", "f": "float32", "d": "float64"}
 
 #: Longest row (elements) for the register tier, per dtype.
 WARP_MAX = {"float16": 1024, "float32": 1024, "float64": 512}
+#: ... and for the unmasked forward kernels, which hold longer rows (specs.WARP_PACKS_PLAIN_FWD).
+WARP_MAX_PLAIN_FWD = {"float16": 2048, "float32": 2048}
 #: Shared memory the block tier leaves free below the device's opt-in limit (static arrays, slack).
 #: Rows whose cached arrays fit go to the block tier: the tier sweep in benchmarks/gpu_tune.py
 #: showed it at 2.5 TB/s and more up to 128 KiB rows on an H200, against about 1 TB/s for the
@@ -52,6 +54,9 @@ _STRIDED_BLOCK = 512
 
 #: Internal override of the tier choice, for benchmarks and tests: "warp", "block", "split".
 _FORCE_TIER: str | None = os.environ.get("XPSOFTMAX_FORCE_TIER") or None
+#: Internal switch for benchmarks: False sends unmasked rows to the masked kernels too (the kernels
+#: before the ``*_plain`` ones existed), for side-by-side timing in one run.
+_PLAIN = True
 
 _OP_SOFTMAX, _OP_LOG_VJP, _OP_LOG_JVP = 0, 1, 2
 
@@ -112,12 +117,16 @@ def choose_tier(
     itemsize = np.dtype(dtype).itemsize
     vec = specs.VEC[dtype]
     row_bytes = arrays * _pad16(n * itemsize) + (n if masked else 0)
-    if (forced is None and n <= WARP_MAX[dtype]) or (forced == "warp" and n <= WARP_MAX[dtype]):
+    warp_max, packs_list = WARP_MAX[dtype], specs.WARP_PACKS[dtype]
+    if arrays == 1 and not masked and dtype in WARP_MAX_PLAIN_FWD:
+        warp_max = WARP_MAX_PLAIN_FWD[dtype]
+        packs_list = (*packs_list, *specs.WARP_PACKS_PLAIN_FWD[dtype])
+    if forced in (None, "warp") and n <= warp_max:
         packs_needed = -(-n // vec)
         if packs_needed <= 16:
             lanes = next(lanes for lanes in (*specs.WARP_LANES, 32) if lanes >= packs_needed)
             return Tier("warp", lanes=lanes, packs=1)
-        packs = next(p for p in specs.WARP_PACKS[dtype] if p * 32 >= packs_needed)
+        packs = next(p for p in packs_list if p * 32 >= packs_needed)
         return Tier("warp", lanes=32, packs=packs)
     fits_block = row_bytes + BLOCK_SMEM_SLACK <= smem_limit
     if fits_block and forced in (None, "block", "warp"):
@@ -217,20 +226,24 @@ def _launch_rows(fwd: bool, arrays: tuple[Any, ...], mask: Any | None, flag: int
     direction = "fwd" if fwd else "bwd"
     device = cp.cuda.runtime.getDevice()
     smem_limit = _kernels.max_dynamic_smem(device)
-    tier = choose_tier(n, dtype, len(arrays), mask is not None, smem_limit, _FORCE_TIER)
+    masked = mask is not None or not _PLAIN
+    tier = choose_tier(n, dtype, len(arrays), masked, smem_limit, _FORCE_TIER)
     ptrs: list[Any] = []
     for a, ld in views:
         ptrs += [a, _i64(ld)]
     ptrs += [res, _i64(ldr), mp, _i64(mrs), _i64(mcs), _i64(rows), _i32(n), np.int32(flag)]
     if tier.name == "warp":
         kernel = _kernels.get_function(
-            "softmax.cu", specs.warp_name(direction, dtype, tier.lanes, tier.packs)
+            "softmax.cu",
+            specs.warp_name(direction, dtype, tier.lanes, tier.packs, masked),
         )
         rows_per_block = 128 // tier.lanes
         grid = min(-(-rows // rows_per_block), WAVES * _kernels.occupancy_grid(kernel, 128, 0))
         kernel((grid,), (128,), (*ptrs, np.int32(vec)))
     elif tier.name == "block":
-        kernel = _kernels.get_function("softmax.cu", specs.block_name(direction, dtype, tier.block))
+        kernel = _kernels.get_function(
+            "softmax.cu", specs.block_name(direction, dtype, tier.block, masked)
+        )
         _kernels.set_max_dynamic_smem(kernel, tier.smem)
         grid = min(rows, WAVES * _kernels.occupancy_grid(kernel, tier.block, tier.smem))
         kernel((grid,), (tier.block,), (*ptrs, np.int32(vec)), shared_mem=tier.smem)

@@ -17,16 +17,28 @@ VEC = {"float16": 8, "float32": 4, "float64": 2}
 #: Warp tier: threads per row for short rows (one pack a lane), and packs a lane at 32 lanes a row.
 WARP_LANES = (1, 2, 4, 8, 16)
 WARP_PACKS = {"float16": (1, 2, 4), "float32": (1, 2, 4, 8), "float64": (1, 2, 4, 8)}
+#: Longer rows that only the unmasked forward kernels hold in registers (2048 elements; the
+#: backward's two rows, and the masked kernels' bookkeeping, would spill).
+WARP_PACKS_PLAIN_FWD = {"float16": (8,), "float32": (16,)}
 #: Block tier block sizes.
 BLOCK_SIZES = (256, 512, 1024)
 
 
-def warp_name(direction: str, dtype: str, lanes: int, packs: int) -> str:
-    return f"xps_{direction}_warp<{CTYPES[dtype]}, {lanes}, {packs}>"
+#: dtypes whose unmasked rows take the ``*_plain`` kernels (no per-element tests). float64 keeps
+#: the masked kernels for every row: its plain 512-element warp rows spill (software exp).
+PLAIN_DTYPES = ("float16", "float32")
 
 
-def block_name(direction: str, dtype: str, block: int) -> str:
-    return f"xps_{direction}_block<{CTYPES[dtype]}, {block}>"
+def warp_name(direction: str, dtype: str, lanes: int, packs: int, masked: bool = True) -> str:
+    """The register-tier kernel for rows with or without a mask."""
+    kind = "warp" if masked or dtype not in PLAIN_DTYPES else "warp_plain"
+    return f"xps_{direction}_{kind}<{CTYPES[dtype]}, {lanes}, {packs}>"
+
+
+def block_name(direction: str, dtype: str, block: int, masked: bool = True) -> str:
+    """The shared-memory-tier kernel for rows with or without a mask."""
+    kind = "block" if masked or dtype not in PLAIN_DTYPES else "block_plain"
+    return f"xps_{direction}_{kind}<{CTYPES[dtype]}, {block}>"
 
 
 def strided_name(direction: str, dtype: str, cached: bool) -> str:
@@ -41,9 +53,13 @@ def _softmax_kernels() -> list[str]:
     names: list[str] = []
     for d in ("fwd", "bwd"):
         for t in CTYPES:
-            names += [warp_name(d, t, lanes, 1) for lanes in WARP_LANES]
-            names += [warp_name(d, t, 32, p) for p in WARP_PACKS[t]]
-            names += [block_name(d, t, b) for b in BLOCK_SIZES]
+            for masked in (True, False) if t in PLAIN_DTYPES else (True,):
+                names += [warp_name(d, t, lanes, 1, masked) for lanes in WARP_LANES]
+                names += [warp_name(d, t, 32, p, masked) for p in WARP_PACKS[t]]
+            if d == "fwd":
+                names += [warp_name(d, t, 32, p, False) for p in WARP_PACKS_PLAIN_FWD.get(t, ())]
+            for masked in (True, False) if t in PLAIN_DTYPES else (True,):
+                names += [block_name(d, t, b, masked) for b in BLOCK_SIZES]
             names += [strided_name(d, t, c) for c in (True, False)]
     return names
 
