@@ -676,17 +676,17 @@ __device__ __forceinline__ void fwd_block_plain(const T* __restrict__ x, long lo
       S = block_sum<BLOCK>(S, red);
       const A inv = xrcp(S);
       const A logS = xlog(S);
-      for (int p = tid; p < nsp; p += BLOCK) {
+      for (int p = tid; p < npk; p += BLOCK) {
         const Pack<T> pk = xsp[p];
-        A o[V];
+        Pack<T> o;
 #pragma unroll
         for (int e = 0; e < V; ++e) {
           const A d = to_acc(pk.v[e]) - M;
-          o[e] = LOG ? d - logS : xexp(d) * inv;
+          o.v[e] = from_acc<T>(LOG ? d - logS : xexp(d) * inv);
         }
-        st_pack<T>(yr, p * V, n, vec, to_pack<T>(o));
+        reinterpret_cast<Pack<T>*>(yr)[p] = o;
       }
-      for (int c = nsp * V + tid; c < n; c += BLOCK) {
+      for (int c = npk * V + tid; c < n; c += BLOCK) {
         const A d = to_acc(xs[c]) - M;
         yr[c] = from_acc<T>(LOG ? d - logS : xexp(d) * inv);
       }
@@ -727,7 +727,6 @@ __device__ __forceinline__ void bwd_block_plain(const T* __restrict__ y, long lo
   T* gs = reinterpret_cast<T*>(smem + arr);
   const int tid = threadIdx.x;
   const int npk = vec ? n / V : 0;
-  const int nsp = n / V;
   for (long long r = blockIdx.x; r < rows; r += gridDim.x) {
     const T* yr = y + r * ldy;
     const T* gr = g + r * ldg;
@@ -749,15 +748,15 @@ __device__ __forceinline__ void bwd_block_plain(const T* __restrict__ y, long lo
     }
     S = block_sum<BLOCK>(S, red);  // also the barrier that publishes ys, gs
     T* dr = dx + r * ldd;
-    for (int p = tid; p < nsp; p += BLOCK) {
+    for (int p = tid; p < npk; p += BLOCK) {
       const Pack<T> py = reinterpret_cast<const Pack<T>*>(ys)[p];
       const Pack<T> pg = reinterpret_cast<const Pack<T>*>(gs)[p];
-      A o[V];
+      Pack<T> o;
 #pragma unroll
-      for (int e = 0; e < V; ++e) o[e] = bwd_out(to_acc(py.v[e]), to_acc(pg.v[e]), S, OP, true);
-      st_pack<T>(dr, p * V, n, vec, to_pack<T>(o));
+      for (int e = 0; e < V; ++e) o.v[e] = from_acc<T>(bwd_out(to_acc(py.v[e]), to_acc(pg.v[e]), S, OP, true));
+      reinterpret_cast<Pack<T>*>(dr)[p] = o;
     }
-    for (int c = nsp * V + tid; c < n; c += BLOCK)
+    for (int c = npk * V + tid; c < n; c += BLOCK)
       dr[c] = from_acc<T>(bwd_out(to_acc(ys[c]), to_acc(gs[c]), S, OP, true));
     __syncthreads();
   }
