@@ -207,8 +207,7 @@ def _tier(c: Case, device: int) -> str | None:
         if c.axis % len(c.shape) != len(c.shape) - 1:
             return "strided"
         smem = _kernels.max_dynamic_smem(device)
-        clusters = _kernels.supports_clusters(device)
-        return _cupy.choose_tier(c.shape[-1], c.dtype, c.n_inputs, False, smem, None, clusters).name
+        return _cupy.choose_tier(c.shape[-1], c.dtype, c.n_inputs, False, smem).name
     except Exception:  # a planner that changed shape: the goals fall back to N >= SPLIT_ROW_N
         return None
 
@@ -429,9 +428,8 @@ def case_key(c: dict) -> str:
 def evaluate_goals(report: dict, tiers: dict[str, str] | None = None) -> list[dict]:
     """Each performance goal of the kernels issue: name, met (True/False/None), detail.
 
-    ``tiers`` maps case names to the tier the kernels picked (``warp``, ``block``, ``cluster``,
-    ``split``, ``strided``); where it is known, the split-row goal covers the ``cluster`` and
-    ``split`` cases (a row over several blocks) and the 85 %
+    ``tiers`` maps case names to the tier the kernels picked (``warp``, ``block``, ``split``,
+    ``strided``); where it is known, the split-row goal covers the ``split`` cases and the 85 %
     goal the other last-axis cases with N >= 4096. Where it is not, N >= SPLIT_ROW_N counts as
     the split-row path.
     """
@@ -441,7 +439,7 @@ def evaluate_goals(report: dict, tiers: dict[str, str] | None = None) -> list[di
 
     def is_split(c):
         tier = tiers.get(case_key(c))
-        return tier in ("split", "cluster") if tier else c["shape"][-1] >= SPLIT_ROW_N
+        return tier == "split" if tier else c["shape"][-1] >= SPLIT_ROW_N
 
     def last_axis(c):
         return c["axis"] == -1 or c["axis"] == len(c["shape"]) - 1
@@ -551,9 +549,8 @@ def render_markdown(report: dict, notes: dict) -> str:
     lines += [
         "",
         "*tier*: the kernel tier xpsoftmax picked (warp: row in registers; block: row in shared "
-        "memory; cluster: a row in the shared memory of a thread-block cluster; split: a row "
-        "over several blocks, read twice; strided: the non-last-axis kernel). The split-row goal "
-        "covers the `cluster` and `split` cases and the 85 % goal the other last-axis cases "
+        "memory; split: a row over several blocks; strided: the non-last-axis kernel). The "
+        "split-row goal covers the `split` cases and the 85 % goal the other last-axis cases "
         f"with N >= 4096; where the tier is unknown (-), N >= {SPLIT_ROW_N} counts as split-row.",
     ]
     errors = notes.get("errors", {})

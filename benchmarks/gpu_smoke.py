@@ -81,7 +81,7 @@ def main() -> int:
     for shape, axis in shapes:
         for dtype in ("float32", "float16", "float64"):
             for op, (fn, _) in OPS.items():
-                for tier in (None, "warp", "block", "cluster", "split"):
+                for tier in (None, "warp", "block", "split"):
                     for variant in ("plain", "mask", "special", "misaligned"):
                         args = _inputs(op, shape, dtype, axis, rng, variant == "special")
                         kw = {"axis": axis}

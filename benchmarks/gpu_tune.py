@@ -6,7 +6,7 @@ backward) through
 * ``default``: what xpsoftmax picks;
 * ``masked``: the kernels that unmasked rows used before the ``*_plain`` kernels existed (the
   masked kernels with no mask; ``xpsoftmax._cupy._PLAIN = False``);
-* ``block`` / ``cluster`` / ``split``: each other tier forced where it can take the row;
+* ``block`` / ``split``: each other tier forced where it can take the row;
 
 next to torch's native op on the same memory, with the benchmark's timing (CUDA events around
 back-to-back calls, so the host's per-call overhead overlaps the kernels; median of repeats after a
@@ -33,12 +33,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import time_ms  # noqa: E402
 
 import xpsoftmax  # noqa: E402
-from xpsoftmax import _cupy, _kernels  # noqa: E402
+from xpsoftmax import _cupy  # noqa: E402
 
 NS = (32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 262144)
 OPS = ("softmax", "log_softmax", "softmax_backward", "log_softmax_backward")
 SMEM = 227 * 1024
-CLUSTERS = _kernels.supports_clusters(cp.cuda.runtime.getDevice())
 
 
 def _rel_err(out, ref) -> float:
@@ -50,11 +49,11 @@ def _rel_err(out, ref) -> float:
 def _variants(n: int, dtype: str) -> list[tuple[str, str | None, bool]]:
     """(label, forced tier, plain kernels) for every distinct way to run rows of n."""
     out = [("default", None, True), ("masked", None, False)]
-    default_f = _cupy.choose_tier(n, dtype, 1, False, SMEM, None, CLUSTERS).name
-    default_b = _cupy.choose_tier(n, dtype, 2, False, SMEM, None, CLUSTERS).name
-    for tier in ("block", "cluster", "split"):
-        f = _cupy.choose_tier(n, dtype, 1, False, SMEM, tier, CLUSTERS).name
-        b = _cupy.choose_tier(n, dtype, 2, False, SMEM, tier, CLUSTERS).name
+    default_f = _cupy.choose_tier(n, dtype, 1, False, SMEM).name
+    default_b = _cupy.choose_tier(n, dtype, 2, False, SMEM).name
+    for tier in ("block", "split"):
+        f = _cupy.choose_tier(n, dtype, 1, False, SMEM, tier).name
+        b = _cupy.choose_tier(n, dtype, 2, False, SMEM, tier).name
         if f == tier and (f, b) != (default_f, default_b):
             out.append((tier, tier, True))
     return out
@@ -125,9 +124,8 @@ def main(argv: list[str] | None = None) -> int:
                 _cupy._FORCE_TIER, _cupy._PLAIN = forced, plain
                 try:
                     row = {"dtype": dtype, "n": n, "rows": b, "variant": label}
-                    for d, arrays in (("fwd", 1), ("bwd", 2)):
-                        t = _cupy.choose_tier(n, dtype, arrays, not plain, SMEM, forced, CLUSTERS)
-                        row[f"tier_{d}"] = t.name
+                    row["tier_fwd"] = _cupy.choose_tier(n, dtype, 1, not plain, SMEM, forced).name
+                    row["tier_bwd"] = _cupy.choose_tier(n, dtype, 2, not plain, SMEM, forced).name
                     for op in OPS:
                         s0 = sets[op][0]
                         row[f"err_{op}"] = _rel_err(fns[op](*(a[:k] for a in s0)), refs[op])

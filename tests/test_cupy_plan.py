@@ -24,19 +24,18 @@ LENGTHS = sorted(
 DTYPES = ("float16", "float32", "float64")
 
 
-@pytest.mark.parametrize(("smem", "clusters"), [(SMEM_H100, True), (SMEM_A100, False)])
+@pytest.mark.parametrize("smem", [SMEM_H100, SMEM_A100])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("arrays", [1, 2])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_every_tier_choice_is_a_compiled_kernel_that_fits(dtype, arrays, masked, smem, clusters):
+def test_every_tier_choice_is_a_compiled_kernel_that_fits(dtype, arrays, masked, smem):
     names = set(specs.SOURCES["softmax.cu"])
-    cluster_names = set(specs.SOURCES["softmax_cluster.cu"])
     direction = "fwd" if arrays == 1 else "bwd"
     v = specs.VEC[dtype]
     itemsize = np.dtype(dtype).itemsize
     seen = []
     for n in LENGTHS:
-        tier = _cupy.choose_tier(n, dtype, arrays, masked, smem, None, clusters)
+        tier = _cupy.choose_tier(n, dtype, arrays, masked, smem)
         seen.append(tier.name)
         row_bytes = arrays * (-(-n * itemsize // 16) * 16) + (n if masked else 0)
         if tier.name == "warp":
@@ -48,41 +47,24 @@ def test_every_tier_choice_is_a_compiled_kernel_that_fits(dtype, arrays, masked,
             assert specs.block_name(direction, dtype, tier.block, masked) in names
             assert tier.smem == row_bytes
             assert tier.smem + _cupy.BLOCK_SMEM_SLACK <= smem
-        elif tier.name == "cluster":
-            assert clusters
-            assert specs.cluster_name(direction, dtype) in cluster_names
-            assert row_bytes + _cupy.BLOCK_SMEM_SLACK > smem  # only rows no block can cache
-            chunk = _cupy.cluster_chunk(n, dtype)
-            assert chunk % v == 0 and specs.CLUSTER * chunk >= n > (specs.CLUSTER - 1) * chunk - v
-            assert tier.smem == arrays * (-(-chunk * itemsize // 16) * 16)
-            assert tier.smem + _cupy.BLOCK_SMEM_SLACK <= smem
         else:
             assert tier.name == "split"
             assert row_bytes + _cupy.BLOCK_SMEM_SLACK > smem  # only rows no block can cache
-            chunk_bytes = arrays * (-(-_cupy.cluster_chunk(n, dtype) * itemsize // 16) * 16)
-            assert not clusters or chunk_bytes + _cupy.BLOCK_SMEM_SLACK > smem
-    # Tiers only move up as rows get longer: warp, block, cluster (sm_90+), split.
-    order = {"warp": 0, "block": 1, "cluster": 2, "split": 3}
+    # Tiers only move up as rows get longer: warp, then block, then split.
+    order = {"warp": 0, "block": 1, "split": 2}
     ranks = [order[t] for t in seen]
     assert ranks == sorted(ranks)
     assert seen[0] == "warp" and seen[-1] == "split"
-    assert ("cluster" in seen) == clusters
 
 
-@pytest.mark.parametrize("forced", ["warp", "block", "cluster", "split"])
+@pytest.mark.parametrize("forced", ["warp", "block", "split"])
 def test_forced_tier_applies_where_it_can_take_the_row(forced):
-    def tier(n):
-        return _cupy.choose_tier(n, "float32", 1, False, SMEM_H100, forced, True).name
-
-    assert tier(100) == forced
+    assert _cupy.choose_tier(100, "float32", 1, False, SMEM_H100, forced).name == forced
     # The register tier cannot hold 10000 elements: forcing it falls back to the block tier.
-    assert tier(10_000) == ("block" if forced == "warp" else forced)
-    # Nor can a block hold 2**18 (1 MiB rows): a cluster can, unless the split tier is forced.
-    assert tier(1 << 18) == ("split" if forced == "split" else "cluster")
-    # Nor can a cluster hold 2**20 (4 MiB): only the split-row tier can.
-    assert tier(1 << 20) == "split"
-    # Without clusters (before sm_90) the rows no block holds are split.
-    assert _cupy.choose_tier(1 << 18, "float32", 1, False, SMEM_H100, forced).name == "split"
+    expected = "block" if forced == "warp" else forced
+    assert _cupy.choose_tier(10_000, "float32", 1, False, SMEM_H100, forced).name == expected
+    # Nor can a block hold a million: only the split-row tier can.
+    assert _cupy.choose_tier(1 << 20, "float32", 1, False, SMEM_H100, forced).name == "split"
 
 
 def test_split_names_and_chunks():

@@ -14,10 +14,8 @@ Layouts:
 * several axes: moved to the end (a copy) and flattened into one.
 
 Tiers for rows (see ``kernels/softmax.cu``): ``warp`` keeps the row in registers (up to 1024
-elements, 512 for float64; 2048 for the unmasked float16/32 forward), ``block`` caches it in
-shared memory, ``cluster`` caches it across the shared memory of a thread-block cluster (sm_90+,
-``kernels/softmax_cluster.cu``), ``split`` spreads it over blocks that read it twice
-(``kernels/softmax_split.cu``).
+elements, 512 for float64), ``block`` caches it in shared memory, ``split`` spreads it over
+several cooperating blocks (``kernels/softmax_split.cu``).
 """
 
 from __future__ import annotations
@@ -54,8 +52,7 @@ WAVES = 16
 _SPLIT_BLOCK = 512
 _STRIDED_BLOCK = 512
 
-#: Internal override of the tier choice, for benchmarks and tests: "warp", "block", "cluster",
-#: "split".
+#: Internal override of the tier choice, for benchmarks and tests: "warp", "block", "split".
 _FORCE_TIER: str | None = os.environ.get("XPSOFTMAX_FORCE_TIER") or None
 #: Internal switch for benchmarks: False sends unmasked rows to the masked kernels too (the kernels
 #: before the ``*_plain`` ones existed), for side-by-side timing in one run.
@@ -108,27 +105,14 @@ def _pad16(b: int) -> int:
     return (b + 15) & ~15
 
 
-def cluster_chunk(n: int, dtype: str) -> int:
-    """Columns each block of a cluster-row tier cluster owns: a whole number of 16-byte packs."""
-    v = specs.VEC[dtype]
-    return -(-n // (specs.CLUSTER * v)) * v
-
-
 @functools.lru_cache(maxsize=1024)
 def choose_tier(
-    n: int,
-    dtype: str,
-    arrays: int,
-    masked: bool,
-    smem_limit: int,
-    forced: str | None = None,
-    clusters: bool = False,
+    n: int, dtype: str, arrays: int, masked: bool, smem_limit: int, forced: str | None = None
 ) -> Tier:
     """The tier for rows of ``n`` elements of ``dtype``.
 
     ``arrays`` is 1 for the forward kernels and 2 for backward/JVP (two inputs cached);
-    ``forced`` names a tier to use wherever it can take the row (benchmarks and tests);
-    ``clusters`` says the device launches thread-block clusters (sm_90+).
+    ``forced`` names a tier to use wherever it can take the row (benchmarks and tests).
     """
     itemsize = np.dtype(dtype).itemsize
     vec = specs.VEC[dtype]
@@ -149,9 +133,6 @@ def choose_tier(
         elems = -(-n // vec)
         block = 256 if elems <= 1024 else (512 if elems <= 4096 else 1024)
         return Tier("block", block=block, smem=row_bytes)
-    chunk_bytes = arrays * _pad16(cluster_chunk(n, dtype) * itemsize)
-    if clusters and forced != "split" and chunk_bytes + BLOCK_SMEM_SLACK <= smem_limit:
-        return Tier("cluster", block=specs.CLUSTER_BLOCK, smem=chunk_bytes)
     return Tier("split", block=_SPLIT_BLOCK)
 
 
@@ -246,8 +227,7 @@ def _launch_rows(fwd: bool, arrays: tuple[Any, ...], mask: Any | None, flag: int
     device = cp.cuda.runtime.getDevice()
     smem_limit = _kernels.max_dynamic_smem(device)
     masked = mask is not None or not _PLAIN
-    clusters = _kernels.supports_clusters(device)
-    tier = choose_tier(n, dtype, len(arrays), masked, smem_limit, _FORCE_TIER, clusters)
+    tier = choose_tier(n, dtype, len(arrays), masked, smem_limit, _FORCE_TIER)
     ptrs: list[Any] = []
     for a, ld in views:
         ptrs += [a, _i64(ld)]
@@ -267,14 +247,6 @@ def _launch_rows(fwd: bool, arrays: tuple[Any, ...], mask: Any | None, flag: int
         _kernels.set_max_dynamic_smem(kernel, tier.smem)
         grid = min(rows, WAVES * _kernels.occupancy_grid(kernel, tier.block, tier.smem))
         kernel((grid,), (tier.block,), (*ptrs, np.int32(vec)), shared_mem=tier.smem)
-    elif tier.name == "cluster":
-        kernel = _kernels.get_function("softmax_cluster.cu", specs.cluster_name(direction, dtype))
-        _kernels.set_max_dynamic_smem(kernel, tier.smem)
-        # Grid: whole clusters, as many as are resident at once (each loops over rows).
-        resident = max(1, _kernels.occupancy_grid(kernel, tier.block, tier.smem) // specs.CLUSTER)
-        grid = specs.CLUSTER * min(rows, resident)
-        args = (*ptrs, np.int32(vec), np.int32(cluster_chunk(n, dtype)))
-        kernel((grid,), (tier.block,), args, shared_mem=tier.smem)
     else:
         _launch_split(direction, dtype, ptrs, rows, n, vec)
     if out is not None and res is not out:

@@ -64,16 +64,6 @@ def _softmax_kernels() -> list[str]:
     return names
 
 
-def cluster_name(direction: str, dtype: str) -> str:
-    return f"xps_{direction}_cluster<{CTYPES[dtype]}>"
-
-
-#: Blocks in one cluster of the cluster-row tier (XPS_CLUSTER in softmax_cluster.cu), and threads
-#: in each (XPS_CLUSTER_BLOCK).
-CLUSTER = 8
-CLUSTER_BLOCK = 512
-
-
 def _split_kernels() -> list[str]:
     return [split_name(d, p, t) for d in ("fwd", "bwd") for p in ("part", "apply") for t in CTYPES]
 
@@ -82,6 +72,5 @@ def _split_kernels() -> list[str]:
 SOURCES: dict[str, list[str]] = {
     "softmax.cu": _softmax_kernels(),
     "softmax_split.cu": _split_kernels(),
-    "softmax_cluster.cu": [cluster_name(d, t) for d in ("fwd", "bwd") for t in CTYPES],
     "cross_entropy.cu": [f"xps_xent_{d}<{t}>" for d in ("fwd", "bwd") for t in CTYPES.values()],
 }

@@ -252,13 +252,6 @@ def max_dynamic_smem(device: int | None = None) -> int:
     return _device_attribute(attribute, int(device))
 
 
-@functools.cache
-def supports_clusters(device: int) -> bool:
-    """True when ``device`` launches thread-block clusters (compute capability 9.0 and later)."""
-    cupy = _cupy()
-    return int(cupy.cuda.Device(device).compute_capability) >= 90
-
-
 def _check_count(value: object, name: str, low: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < low:
         msg = f"{name} must be an integer >= {low}, got {value!r}"
