@@ -71,6 +71,9 @@ step() {
 # --- device and versions ------------------------------------------------------------------
 {
     echo "xpsoftmax GPU check, $(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+    # The commit above can be stale where the tree was copied without its .git; this digest of the
+    # sources is not: run the same line in a checkout to see whether it holds the code measured.
+    echo "sources: $(find kernels xpsoftmax -name '*.cu' -o -name '*.cuh' -o -name '*.py' | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-16)"
     nvidia-smi -L 2>&1 | head -n 4
     nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm,clocks.max.mem \
         --format=csv,noheader 2>&1 | head -n 4

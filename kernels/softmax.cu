@@ -5,6 +5,11 @@
 //   xps_fwd_warp / xps_bwd_warp     LANES threads per row (LANES <= 32; several rows per warp when
 //                                   LANES < 32), the row held in registers: PACKS 16-byte packs a lane.
 //   xps_fwd_block / xps_bwd_block   one block per row, the row cached in dynamic shared memory.
+//   *_plain                         the same tiers for rows without a mask, float16/float32: no
+//                                   per-element tests (see fwd_warp_plain); on an H200 they moved
+//                                   float16 rows of 32-1024 from 50-66 % to 82-95 % of the copy
+//                                   bandwidth (benchmarks/results/2026-11-27-nvidia-h200-ab.md).
+//                                   The unmasked forward also holds rows of 2048 in registers.
 //   xps_fwd_strided / xps_bwd_strided
 //                                   softmax over the middle axis of a C-contiguous (outer, n, inner)
 //                                   array: coalesced across `inner` in 32-byte column tiles, cached in

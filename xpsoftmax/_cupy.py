@@ -14,8 +14,9 @@ Layouts:
 * several axes: moved to the end (a copy) and flattened into one.
 
 Tiers for rows (see ``kernels/softmax.cu``): ``warp`` keeps the row in registers (up to 1024
-elements, 512 for float64), ``block`` caches it in shared memory, ``split`` spreads it over
-several cooperating blocks (``kernels/softmax_split.cu``).
+elements, 512 for float64, 2048 for the unmasked float16/32 forward), ``block`` caches it in
+shared memory, ``split`` spreads it over several cooperating blocks (``kernels/softmax_split.cu``).
+Rows without a mask take the ``*_plain`` kernels of the first two tiers (float16/32).
 """
 
 from __future__ import annotations
