@@ -352,6 +352,21 @@ def test_forward_out_aliasing_input(block_elems, func, log, dtype, rng):
             xp_assert_close(buf, expected, dtype=dtype, **tolerance(dtype))
 
 
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((1, 5, 1, 7), -1), ((3, 1, 8), 2), ((6,), 0), ((2, 9, 1), 1)]
+)
+def test_contiguous_inputs_are_viewed_not_copied(shape, axis, rng):
+    # C-contiguous arrays (size-1 dimensions included) take the reshape view, never a copy, and
+    # an output that is the input itself is still recognised as the same memory.
+    x = rng.standard_normal(shape)
+    plan = _numpy._plan(shape, (axis % len(shape),), x.itemsize)
+    v = _numpy._view(x, plan)
+    assert v is not None and v.shape == plan.shape and np.shares_memory(v, x)
+    expected = scipy.special.softmax(x, axis=axis)
+    assert xpsoftmax.softmax(x, axis=axis, out=x) is x
+    xp_assert_close(x, expected, dtype="float64", **tolerance("float64"))
+
+
 @pytest.mark.parametrize("alias", ["y", "g"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("func", "kind"), PRODUCTS[:2])  # the JVPs take no out=
