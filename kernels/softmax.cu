@@ -74,7 +74,9 @@ __device__ __forceinline__ void st_pack(T* __restrict__ row, int c0, int n, bool
 // Warp tier. Block of 128 threads; each group of LANES lanes owns one row at a time. The row loop
 // bound is uniform across a warp (r0), so every lane reaches every shuffle.
 
-// Two bodies, chosen per dtype from measurements on an H200 (benchmarks/results, 2026-11-27):
+// The masked kernels (xps_*_warp: rows with a mask, and every float64 row) use two bodies,
+// chosen per dtype from measurements on an H200 (2026-11-27; unmasked float16/32 rows take
+// the *_plain bodies further down):
 //   *_packed    issues all of a row's loads first and keeps the row as loaded; float32 rows of
 //               512-1024 went from 81 % / 69 % to 93 % / 82 % of copy bandwidth (forward) and the
 //               backward to 99 %, because loads no longer wait one latency each.
