@@ -202,7 +202,7 @@ def get_function(filename: str, name: str) -> Any:
         kernel = _functions.get(key)
         if kernel is None:
             # One module per name expression: a call compiles only the kernels it launches
-            # (the file holds about a hundred instantiations), and CuPy's disk cache keeps them.
+            # (softmax.cu holds over a hundred instantiations), and CuPy's disk cache keeps them.
             options = (*OPTIONS, f"-I{source_path(filename).parent}")
             module = cupy.RawModule(
                 code=source(filename),
