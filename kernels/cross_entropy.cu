@@ -17,32 +17,22 @@
 //   * an ignored row (has_ignore and t == ignore_index) has loss 0 and gradient exactly 0;
 //   * a target outside [0, n) (the host validates, so this is only a guard) gives NaN.
 // Accumulation is in float for __half and float, in double for double.
-#include <cuda_fp16.h>
+#include "softmax_common.cuh"
 
 namespace xps_xent {
 
-template <typename T> struct Acc { using type = float; };
-template <> struct Acc<double> { using type = double; };
-
-__device__ __forceinline__ float load(__half v) { return __half2float(v); }
-__device__ __forceinline__ float load(float v) { return v; }
-__device__ __forceinline__ double load(double v) { return v; }
-
-template <typename T> __device__ __forceinline__ T store(typename Acc<T>::type v);
-template <> __device__ __forceinline__ __half store<__half>(float v) { return __float2half_rn(v); }
-template <> __device__ __forceinline__ float store<float>(float v) { return v; }
-template <> __device__ __forceinline__ double store<double>(double v) { return v; }
+// Types, conversions and infinity are the softmax kernels' (softmax_common.cuh). exp and log are
+// not: this file keeps the accurate expf / logf it was validated with on the GPU.
+using xps::AccT;
+using xps::from_acc;
+using xps::inf;
+using xps::to_acc;
 
 __device__ __forceinline__ float xexp(float v) { return expf(v); }
 __device__ __forceinline__ double xexp(double v) { return exp(v); }
 __device__ __forceinline__ float xlog(float v) { return logf(v); }
 __device__ __forceinline__ double xlog(double v) { return log(v); }
 
-template <typename A> __device__ __forceinline__ A inf();
-template <> __device__ __forceinline__ float inf<float>() { return __int_as_float(0x7f800000); }
-template <> __device__ __forceinline__ double inf<double>() {
-  return __longlong_as_double(0x7ff0000000000000LL);
-}
 template <typename A> __device__ __forceinline__ A nan();
 template <> __device__ __forceinline__ float nan<float>() { return __int_as_float(0x7fc00000); }
 template <> __device__ __forceinline__ double nan<double>() {
@@ -148,10 +138,10 @@ __device__ __forceinline__ A row_loss(const Stats<A>& st, A xt, long long n, A e
 // loss[r] for rows r of x (rows x n, row-major), targets in target[r].
 template <typename T>
 __global__ void xps_xent_fwd(const T* __restrict__ x, const long long* __restrict__ target,
-                             typename xps_xent::Acc<T>::type* __restrict__ loss, long long rows,
+                             typename xps_xent::AccT<T>::type* __restrict__ loss, long long rows,
                              long long n, long long ignore_index, int has_ignore,
                              double smoothing) {
-  using A = typename xps_xent::Acc<T>::type;
+  using A = typename xps_xent::AccT<T>::type;
   __shared__ xps_xent::Stats<A> part[32];
   const A eps = A(smoothing);
   for (long long row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -162,11 +152,11 @@ __global__ void xps_xent_fwd(const T* __restrict__ x, const long long* __restric
     }
     const T* xr = x + row * n;
     xps_xent::Stats<A> st = xps_xent::empty_stats<A>();
-    for (long long c = threadIdx.x; c < n; c += blockDim.x) xps_xent::push(st, xps_xent::load(xr[c]));
+    for (long long c = threadIdx.x; c < n; c += blockDim.x) xps_xent::push(st, xps_xent::to_acc(xr[c]));
     st = xps_xent::block_reduce(st, part);
     if (threadIdx.x == 0) {
       loss[row] = (t < 0 || t >= n) ? xps_xent::nan<A>()
-                                    : xps_xent::row_loss(st, xps_xent::load(xr[t]), n, eps);
+                                    : xps_xent::row_loss(st, xps_xent::to_acc(xr[t]), n, eps);
     }
   }
 }
@@ -175,11 +165,11 @@ __global__ void xps_xent_fwd(const T* __restrict__ x, const long long* __restric
 // shared by every row (reductions "mean" and "sum") and 1 for one per row ("none").
 template <typename T>
 __global__ void xps_xent_bwd(const T* __restrict__ x, const long long* __restrict__ target,
-                             const typename xps_xent::Acc<T>::type* __restrict__ scale,
+                             const typename xps_xent::AccT<T>::type* __restrict__ scale,
                              long long scale_stride, T* __restrict__ dx, long long rows,
                              long long n, long long ignore_index, int has_ignore,
                              double smoothing) {
-  using A = typename xps_xent::Acc<T>::type;
+  using A = typename xps_xent::AccT<T>::type;
   __shared__ xps_xent::Stats<A> part[32];
   const A eps = A(smoothing);
   const A off = eps / A(n);          // q at the other classes
@@ -189,18 +179,18 @@ __global__ void xps_xent_bwd(const T* __restrict__ x, const long long* __restric
     const T* xr = x + row * n;
     T* dr = dx + row * n;
     if (has_ignore && t == ignore_index) {  // the same for the whole block
-      for (long long c = threadIdx.x; c < n; c += blockDim.x) dr[c] = xps_xent::store<T>(A(0));
+      for (long long c = threadIdx.x; c < n; c += blockDim.x) dr[c] = xps_xent::from_acc<T>(A(0));
       continue;
     }
     xps_xent::Stats<A> st = xps_xent::empty_stats<A>();
-    for (long long c = threadIdx.x; c < n; c += blockDim.x) xps_xent::push(st, xps_xent::load(xr[c]));
+    for (long long c = threadIdx.x; c < n; c += blockDim.x) xps_xent::push(st, xps_xent::to_acc(xr[c]));
     st = xps_xent::block_reduce(st, part);
     const A w = scale[row * scale_stride];
     const bool bad = st.n_nan > 0 || t < 0 || t >= n;
     const A inv_s = A(1) / st.s;
     const A inv_k = A(1) / A(st.n_inf);
     for (long long c = threadIdx.x; c < n; c += blockDim.x) {
-      const A xc = xps_xent::load(xr[c]);
+      const A xc = xps_xent::to_acc(xr[c]);
       A p;
       if (bad) {
         p = xps_xent::nan<A>();
@@ -210,7 +200,7 @@ __global__ void xps_xent_bwd(const T* __restrict__ x, const long long* __restric
         p = xps_xent::xexp(xc - st.m) * inv_s;  // all -inf: exp(NaN) is NaN, as in the generic path
       }
       const A q = c == t ? on : off;
-      dr[c] = xps_xent::store<T>((p - q) * w);
+      dr[c] = xps_xent::from_acc<T>((p - q) * w);
     }
   }
 }

@@ -74,6 +74,16 @@ __device__ __forceinline__ void st_pack(T* __restrict__ row, int c0, int n, bool
 // Warp tier. Block of 128 threads; each group of LANES lanes owns one row at a time. The row loop
 // bound is uniform across a warp (r0), so every lane reaches every shuffle.
 
+// This thread's place in the warp tier: its lane within its row's group, its group (sub) within the
+// warp, and the warp's first row and row stride (grid-stride over groups of 32 / LANES rows).
+template <int LANES> struct WarpRows {
+  static constexpr int RPW = 32 / LANES;
+  int lane = threadIdx.x % LANES;
+  int sub = (threadIdx.x % 32) / LANES;
+  long long first = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32 * RPW;
+  long long step = gridDim.x * (long long)blockDim.x / 32 * RPW;
+};
+
 // The masked kernels (xps_*_warp: rows with a mask, and every float64 row) use two bodies,
 // chosen per dtype from measurements on an H200 (2026-11-27; unmasked float16/32 rows take
 // the *_plain bodies further down):
@@ -88,13 +98,10 @@ __device__ __forceinline__ void fwd_warp_packed(const T* __restrict__ x, long lo
   const Mask mask{mp, mrs, mcs};
   using A = typename AccT<T>::type;
   constexpr int V = Vec<T>::N;
-  constexpr int RPW = 32 / LANES;
-  const int lane = threadIdx.x % LANES;
-  const int sub = (threadIdx.x % 32) / LANES;
-  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
-  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
-  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
-    const long long r = r0 + sub;
+  const WarpRows<LANES> wr;
+  const int lane = wr.lane;
+  for (long long r0 = wr.first; r0 < rows; r0 += wr.step) {
+    const long long r = r0 + wr.sub;
     const bool valid = r < rows;
     unsigned inc[PACKS];
     // All loads first, then the arithmetic: with a use between two loads the compiler keeps
@@ -149,13 +156,10 @@ __device__ __forceinline__ void fwd_warp_converted(const T* __restrict__ x, long
   const Mask mask{mp, mrs, mcs};
   using A = typename AccT<T>::type;
   constexpr int V = Vec<T>::N;
-  constexpr int RPW = 32 / LANES;
-  const int lane = threadIdx.x % LANES;
-  const int sub = (threadIdx.x % 32) / LANES;
-  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
-  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
-  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
-    const long long r = r0 + sub;
+  const WarpRows<LANES> wr;
+  const int lane = wr.lane;
+  for (long long r0 = wr.first; r0 < rows; r0 += wr.step) {
+    const long long r = r0 + wr.sub;
     const bool valid = r < rows;
     A v[PACKS * V];
     unsigned inc[PACKS];
@@ -271,14 +275,11 @@ template <typename T, int LANES, int PACKS>
 __device__ __forceinline__ void fwd_warp_plain(const T* __restrict__ x, long long ldx, T* __restrict__ y, long long ldy, long long rows, int n, int log, int vec) {
   using A = typename AccT<T>::type;
   constexpr int V = Vec<T>::N;
-  constexpr int RPW = 32 / LANES;
-  const int lane = threadIdx.x % LANES;
-  const int sub = (threadIdx.x % 32) / LANES;
-  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
-  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
+  const WarpRows<LANES> wr;
+  const int lane = wr.lane;
   const T ninf = from_acc<T>(-inf<A>());
-  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
-    const long long r = r0 + sub;
+  for (long long r0 = wr.first; r0 < rows; r0 += wr.step) {
+    const long long r = r0 + wr.sub;
     const bool valid = r < rows;
     Pack<T> pk[PACKS];
 #pragma unroll
@@ -337,13 +338,10 @@ __device__ __forceinline__ void bwd_warp_packed(const T* __restrict__ y, long lo
   const Mask mask{mp, mrs, mcs};
   using A = typename AccT<T>::type;
   constexpr int V = Vec<T>::N;
-  constexpr int RPW = 32 / LANES;
-  const int lane = threadIdx.x % LANES;
-  const int sub = (threadIdx.x % 32) / LANES;
-  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
-  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
-  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
-    const long long r = r0 + sub;
+  const WarpRows<LANES> wr;
+  const int lane = wr.lane;
+  for (long long r0 = wr.first; r0 < rows; r0 += wr.step) {
+    const long long r = r0 + wr.sub;
     const bool valid = r < rows;
     unsigned inc[PACKS];
     Pack<T> py[PACKS];
@@ -390,13 +388,10 @@ __device__ __forceinline__ void bwd_warp_converted(const T* __restrict__ y, long
   const Mask mask{mp, mrs, mcs};
   using A = typename AccT<T>::type;
   constexpr int V = Vec<T>::N;
-  constexpr int RPW = 32 / LANES;
-  const int lane = threadIdx.x % LANES;
-  const int sub = (threadIdx.x % 32) / LANES;
-  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
-  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
-  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
-    const long long r = r0 + sub;
+  const WarpRows<LANES> wr;
+  const int lane = wr.lane;
+  for (long long r0 = wr.first; r0 < rows; r0 += wr.step) {
+    const long long r = r0 + wr.sub;
     const bool valid = r < rows;
     A vy[PACKS * V];
     A vg[PACKS * V];
@@ -445,13 +440,10 @@ template <typename T, int LANES, int PACKS, int OP>
 __device__ __forceinline__ void bwd_warp_plain(const T* __restrict__ y, long long ldy, const T* __restrict__ g, long long ldg, T* __restrict__ dx, long long ldd, long long rows, int n, int vec) {
   using A = typename AccT<T>::type;
   constexpr int V = Vec<T>::N;
-  constexpr int RPW = 32 / LANES;
-  const int lane = threadIdx.x % LANES;
-  const int sub = (threadIdx.x % 32) / LANES;
-  const long long warp = (blockIdx.x * (long long)blockDim.x + threadIdx.x) / 32;
-  const long long nwarps = gridDim.x * (long long)blockDim.x / 32;
-  for (long long r0 = warp * RPW; r0 < rows; r0 += nwarps * RPW) {
-    const long long r = r0 + sub;
+  const WarpRows<LANES> wr;
+  const int lane = wr.lane;
+  for (long long r0 = wr.first; r0 < rows; r0 += wr.step) {
+    const long long r = r0 + wr.sub;
     const bool valid = r < rows;
     Pack<T> py[PACKS];
     Pack<T> pg[PACKS];

@@ -155,25 +155,23 @@ template <int W, typename A> __device__ __forceinline__ MS<A> warp_ms(MS<A> v) {
 
 // Block-wide reductions over BLOCK threads (a multiple of 32). `red` holds 32 values of A;
 // every thread gets the result. Ends with a barrier, so `red` may be reused right after.
-template <int BLOCK, typename A> __device__ __forceinline__ A block_max(A v, A* red) {
-  v = warp_max<32>(v);
+// `warp_op` reduces over a warp; `identity` fills the lanes past the block's warp count.
+template <int BLOCK, typename A, typename WarpOp>
+__device__ __forceinline__ A block_reduce(A v, A* red, A identity, WarpOp warp_op) {
+  v = warp_op(v);
   const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
   if (l == 0) red[w] = v;
   __syncthreads();
-  v = l < BLOCK / 32 ? red[l] : -inf<A>();
-  v = warp_max<32>(v);
+  v = l < BLOCK / 32 ? red[l] : identity;
+  v = warp_op(v);
   __syncthreads();
   return v;
 }
+template <int BLOCK, typename A> __device__ __forceinline__ A block_max(A v, A* red) {
+  return block_reduce<BLOCK>(v, red, -inf<A>(), [](A u) { return warp_max<32>(u); });
+}
 template <int BLOCK, typename A> __device__ __forceinline__ A block_sum(A v, A* red) {
-  v = warp_sum<32>(v);
-  const int w = threadIdx.x >> 5, l = threadIdx.x & 31;
-  if (l == 0) red[w] = v;
-  __syncthreads();
-  v = l < BLOCK / 32 ? red[l] : A(0);
-  v = warp_sum<32>(v);
-  __syncthreads();
-  return v;
+  return block_reduce<BLOCK>(v, red, A(0), [](A u) { return warp_sum<32>(u); });
 }
 template <int BLOCK, typename A> __device__ __forceinline__ MS<A> block_ms(MS<A> v, A* red) {
   v = warp_ms<32>(v);

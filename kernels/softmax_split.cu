@@ -16,6 +16,22 @@ using namespace xps;
 
 #define XPS_SPLIT_BLOCK 512
 
+// Item `it` = (row r, chunk): the chunk's first column c0, its length, and how many whole
+// 16-byte packs it moves (0 when the layout is not vectorizable).
+struct Item {
+  long long r;
+  int c0;
+  int len;
+  int npk;
+};
+template <int V>
+__device__ __forceinline__ Item split_item(long long it, int C, int chunk, int n, int vec) {
+  const long long r = it / C;
+  const int c0 = static_cast<int>(it % C) * chunk;
+  const int len = min(n, c0 + chunk) - c0;
+  return {r, c0, len, vec ? len / V : 0};
+}
+
 // Partials of one row combined in a fixed order: thread t takes partials t, t + B, ... in turn,
 // then a fixed-shape block reduction. `red` as in block_ms.
 template <typename A>
@@ -40,10 +56,7 @@ __global__ void __launch_bounds__(XPS_SPLIT_BLOCK, 1)
   __shared__ A red[64];
   const long long items = rows * C;
   for (long long it = blockIdx.x; it < items; it += gridDim.x) {
-    const long long r = it / C;
-    const int c0 = static_cast<int>(it % C) * chunk;
-    const int len = min(n, c0 + chunk) - c0;
-    const int npk = vec ? len / V : 0;
+    const auto [r, c0, len, npk] = split_item<V>(it, C, chunk, n, vec);
     const T* xr = x + r * ldx + c0;
     MS<A> st = ms_empty<A>();
 #pragma unroll 4
@@ -76,10 +89,7 @@ __global__ void __launch_bounds__(XPS_SPLIT_BLOCK, 1)
   const long long items = rows * C;
   for (long long k = blockIdx.x; k < items; k += gridDim.x) {
     const long long it = items - 1 - k;
-    const long long r = it / C;
-    const int c0 = static_cast<int>(it % C) * chunk;
-    const int len = min(n, c0 + chunk) - c0;
-    const int npk = vec ? len / V : 0;
+    const auto [r, c0, len, npk] = split_item<V>(it, C, chunk, n, vec);
     const MS<A> tot = row_total_ms(part, r, C, red);
     const A M = tot.m;
     const A inv = tot.s > A(0) ? xrcp(tot.s) : A(0);
@@ -113,10 +123,7 @@ __global__ void __launch_bounds__(XPS_SPLIT_BLOCK, 1)
   __shared__ A red[64];
   const long long items = rows * C;
   for (long long it = blockIdx.x; it < items; it += gridDim.x) {
-    const long long r = it / C;
-    const int c0 = static_cast<int>(it % C) * chunk;
-    const int len = min(n, c0 + chunk) - c0;
-    const int npk = vec ? len / V : 0;
+    const auto [r, c0, len, npk] = split_item<V>(it, C, chunk, n, vec);
     const T* yr = y + r * ldy + c0;
     const T* gr = g + r * ldg + c0;
     A S = A(0);
@@ -148,10 +155,7 @@ __global__ void __launch_bounds__(XPS_SPLIT_BLOCK, 1)
   const long long items = rows * C;
   for (long long k = blockIdx.x; k < items; k += gridDim.x) {
     const long long it = items - 1 - k;
-    const long long r = it / C;
-    const int c0 = static_cast<int>(it % C) * chunk;
-    const int len = min(n, c0 + chunk) - c0;
-    const int npk = vec ? len / V : 0;
+    const auto [r, c0, len, npk] = split_item<V>(it, C, chunk, n, vec);
     A tot = A(0);
     for (int q = threadIdx.x; q < C; q += XPS_SPLIT_BLOCK) tot += part[r * C + q];
     tot = block_sum<XPS_SPLIT_BLOCK>(tot, red);

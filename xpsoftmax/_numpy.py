@@ -307,16 +307,21 @@ def _executor(workers: int) -> concurrent.futures.ThreadPoolExecutor:
         return _pool
 
 
-@contextlib.contextmanager
-def _ufunc_state(bufsize: int) -> Iterator[None]:
+def _ufunc_state(bufsize: int) -> contextlib.AbstractContextManager[None]:
     """On this thread: no floating-point warnings, and ``bufsize`` as the ufunc buffer size.
 
-    Both are per-thread settings in NumPy, so each worker sets them itself.
+    Both are per-thread settings in NumPy, so each worker sets them itself. Without a buffer size
+    this is ``np.errstate`` itself: a generator-based context costs microseconds a call, which
+    tiny inputs feel.
     """
+    if not bufsize:
+        return np.errstate(all="ignore")
+    return _errstate_and_bufsize(bufsize)
+
+
+@contextlib.contextmanager
+def _errstate_and_bufsize(bufsize: int) -> Iterator[None]:
     with np.errstate(all="ignore"):
-        if not bufsize:
-            yield
-            return
         previous = np.setbufsize(bufsize)
         try:
             yield
@@ -329,14 +334,9 @@ def _run(c: _Call, task: Callable[[int], None]) -> None:
     ntasks, bufsize = c.plan.ntasks, c.plan.bufsize
     threads = min(c.threads, ntasks)
     if threads <= 1:
-        if bufsize:
-            with _ufunc_state(bufsize):
-                for t in range(ntasks):
-                    task(t)
-        else:
-            with np.errstate(all="ignore"):  # _ufunc_state without its generator (small calls)
-                for t in range(ntasks):
-                    task(t)
+        with _ufunc_state(bufsize):
+            for t in range(ntasks):
+                task(t)
         return
     lock = threading.Lock()
     state = {"next": 0, "failed": False}
