@@ -27,6 +27,7 @@ import pytest
 
 __all__ = [
     "Backend",
+    "backend_of",
     "dtype_name",
     "move_axes_last",
     "ref_softmax",
@@ -320,3 +321,17 @@ def has_gpu() -> bool:
         return bool(cupy.is_available())
     except Exception:
         return False
+
+
+def backend_of(*arrays: Any, axis: Any = "default", where: Any = None) -> str:
+    """The name of the backend the registry picks for a softmax-family call on ``arrays``
+    (``softmax`` for one array, ``softmax_backward`` for two): numpy, dask, cupy, torch-cuda or
+    generic. ``axis`` defaults to -1 (``None`` for a 0-d input)."""
+    from xpsoftmax import _call, backends
+
+    if axis == "default":
+        axis = None if getattr(arrays[0], "ndim", 1) == 0 else -1
+    op = _call.SOFTMAX if len(arrays) == 1 else _call.SOFTMAX_VJP
+    names = ("x",) if len(arrays) == 1 else ("y", "dy")
+    call = _call.make_call(op, tuple(zip(arrays, names)), axis, where, None)
+    return backends.select(call)[0]

@@ -449,7 +449,7 @@ def _cupy():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Names of the cross-entropy kernels fetched through the loader during the test."""
-    from xpsoftmax import _kernels
+    from xpsoftmax.backends.cuda import loader as _kernels
 
     calls = []
     original = _kernels.get_function

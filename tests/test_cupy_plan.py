@@ -13,8 +13,9 @@ import pytest
 
 pytest.importorskip("cupy", reason="the CuPy-side modules need CuPy installed")
 
-from xpsoftmax import _cupy  # noqa: E402
-from xpsoftmax import _kernel_specs as specs  # noqa: E402
+from xpsoftmax.backends.cuda import launch  # noqa: E402
+from xpsoftmax.backends.cuda import plan as _cupy  # noqa: E402
+from xpsoftmax.backends.cuda import specs  # noqa: E402
 
 SMEM_H100 = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin on Hopper
 SMEM_A100 = 163 * 1024
@@ -106,10 +107,10 @@ def test_merge_dims(shape, strides, expected):
 
 
 def test_takes_the_kernel_dtypes_only():
-    assert all(_cupy.takes(np.zeros(1, d), always=False) for d in DTYPES)
-    assert not _cupy.takes(np.zeros(1, np.longdouble), always=False)
+    assert all(launch.kernel_dtype(np.dtype(d), "auto") for d in DTYPES)
+    assert not launch.kernel_dtype(np.dtype(np.longdouble), "auto")
     with pytest.raises(TypeError, match="float16/32/64"):
-        _cupy.takes(np.zeros(1, np.longdouble), always=True)
+        launch.kernel_dtype(np.dtype(np.longdouble), "always")
 
 
 @pytest.mark.parametrize(("dtype", "packs"), [("float16", 8), ("float32", 16)])

@@ -32,7 +32,7 @@ SHAPE = (3, 4, 5)
 # Known issue: with the softmax axis split across chunks, Dask runs the generic code, and the
 # NumPy floating-point warnings it silences while building the graph (overflow of -max - max, a
 # float32 -> float16 cast to -inf) escape when Dask computes it. Unsplit axes run block by block
-# (xpsoftmax/_dask.py) and keep them inside.
+# (xpsoftmax/backends/dask.py) and keep them inside.
 DASK_WARNS = "overflow RuntimeWarning at Dask compute time (x - max, float16 cast)"
 
 

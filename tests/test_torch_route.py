@@ -1,6 +1,7 @@
 """The PyTorch CUDA route and the kernel switch, checked on a machine without a GPU.
 
-* CPU tensors never reach ``xpsoftmax._torch_cuda``, whatever the kernel mode.
+* CPU tensors never reach the torch-cuda backend (``xpsoftmax.backends.cuda.torch_bridge``,
+  ``_torch_cuda`` below), whatever the kernel mode.
 * ``_torch_cuda.takes`` accepts float16/32/64 and, under ``always``, rejects other dtypes.
 * ``set_kernels`` / ``kernels`` / ``XPSOFTMAX_KERNELS`` accept auto|always|never only.
 * The autograd wiring of ``_torch_cuda`` (forward, VJP, JVP, their first and second derivatives,
@@ -19,15 +20,36 @@ import types
 
 import array_api_compat
 import pytest
-from _helpers import xp_assert_close
+from _helpers import backend_of, xp_assert_close
 
 import xpsoftmax
-from xpsoftmax import _compat, _dispatch, _generic
+from xpsoftmax import _call, _compat, backends
+from xpsoftmax.backends import generic
 
 torch = pytest.importorskip("torch", reason="torch is a test dependency")
-from xpsoftmax import _torch_cuda  # noqa: E402  (needs torch)
+from xpsoftmax.backends.cuda import torch_bridge as _torch_cuda  # noqa: E402  (needs torch)
 
 TXP = array_api_compat.array_namespace(torch.zeros(1))
+_OPS = {
+    ("forward", False): _call.SOFTMAX,
+    ("forward", True): _call.LOG_SOFTMAX,
+    ("backward", False): _call.SOFTMAX_VJP,
+    ("backward", True): _call.LOG_SOFTMAX_VJP,
+    ("jvp", False): _call.SOFTMAX_JVP,
+    ("jvp", True): _call.LOG_SOFTMAX_JVP,
+}
+_KIND_NAMES = {"forward": "forward", "vjp": "backward", "jvp": "jvp"}
+
+
+def _bridge(op: str, *arrays, axes, mask, log, out=None, mode="auto"):
+    """The torch-cuda backend's ``run`` on a call of ``op`` (forward, backward or jvp)."""
+    call = _call.Call(_OPS[op, log], TXP, arrays, axes, mask, out, arrays[0].dtype, mode)
+    return _torch_cuda.run(call)
+
+
+def _takes(x, mode: str) -> bool:
+    call = _call.make_call(_call.SOFTMAX, ((x, "x"),), -1, None, None)
+    return _torch_cuda.takes(call.derive(mode=mode))
 
 
 # --------------------------------------------------------------------------------------------
@@ -36,19 +58,19 @@ TXP = array_api_compat.array_namespace(torch.zeros(1))
 
 class _Tripwire(types.ModuleType):
     def __getattr__(self, name: str):
-        msg = f"xpsoftmax._torch_cuda.{name} was used for a CPU tensor"
+        msg = f"xpsoftmax.backends.cuda.torch_bridge.{name} was used for a CPU tensor"
         raise AssertionError(msg)
 
 
 @pytest.mark.parametrize("mode", ["auto", "always", "never"])
 def test_cpu_tensors_stay_off_the_cuda_route(monkeypatch, mode):
-    trip = _Tripwire("xpsoftmax._torch_cuda")
-    monkeypatch.setitem(sys.modules, "xpsoftmax._torch_cuda", trip)
-    monkeypatch.setattr(xpsoftmax, "_torch_cuda", trip)
+    trip = _Tripwire("xpsoftmax.backends.cuda.torch_bridge")
+    monkeypatch.setitem(sys.modules, "xpsoftmax.backends.cuda.torch_bridge", trip)
+    monkeypatch.setitem(backends._modules, ".cuda.torch_bridge", trip)
     x = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     g = torch.randn(3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     with xpsoftmax.kernels(mode):
-        assert _dispatch.select(x) is None
+        assert backend_of(x) == "generic"
         y = xpsoftmax.softmax(x, axis=1)
         ly = xpsoftmax.log_softmax(x, axis=0)
         dx = xpsoftmax.softmax_backward(y, g, axis=1)
@@ -66,14 +88,15 @@ def test_cpu_tensors_stay_off_the_cuda_route(monkeypatch, mode):
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 @pytest.mark.parametrize("always", [False, True])
 def test_takes_kernel_dtypes(dtype, always):
-    assert _torch_cuda.takes(torch.zeros(2, dtype=dtype), always=always) is True
+    assert _takes(torch.zeros(2, dtype=dtype), "always" if always else "auto") is True
 
 
 def test_takes_rejects_other_dtypes():
     x = torch.zeros(2, dtype=torch.bfloat16)
-    assert _torch_cuda.takes(x, always=False) is False
+    assert _takes(x, "auto") is False
     with pytest.raises(TypeError, match=r"always.*bfloat16"):
-        _torch_cuda.takes(x, always=True)
+        _takes(x, "always")
+    assert _takes(torch.zeros(2), "never") is False
 
 
 # --------------------------------------------------------------------------------------------
@@ -169,16 +192,14 @@ class _Launcher:
     def __init__(self) -> None:
         self.calls: list[str] = []
 
-    def __call__(self, op, a, b, axes, mask, log, out):
-        self.calls.append(op)
-        assert not torch.is_grad_enabled() or not (
-            a.requires_grad or (b is not None and b.requires_grad)
-        ), "the launch must run outside autograd (inside a Function)"
-        a = a.detach()
-        if op == "forward":
-            r = _generic.forward(TXP, a, axes, mask, log)
-        else:
-            r = getattr(_generic, op)(TXP, a, b.detach(), axes, mask, log)
+    def __call__(self, op, arrays, axes, mask, out):
+        self.calls.append(_KIND_NAMES[op.kind])
+        assert not torch.is_grad_enabled() or not any(a.requires_grad for a in arrays), (
+            "the launch must run outside autograd (inside a Function)"
+        )
+        arrays = tuple(a.detach() for a in arrays)
+        call = _call.Call(op, TXP, arrays, axes, mask, None, arrays[0].dtype, "auto")
+        r = generic.run(call)
         if out is None:
             return r.contiguous()
         out.copy_(r)
@@ -247,7 +268,7 @@ def test_forward_autograd(launcher, shape, axes, make_mask, log):
         pytest.fail("the test mask masks everything")
     x = _randn(shape, 1).requires_grad_(True)
     g = _randn(shape, 2)
-    y = _torch_cuda.forward(TXP, x, axes, mask, log, None)
+    y = _bridge("forward", x, axes=axes, mask=mask, log=log)
     assert launcher.calls == ["forward"]
     assert y.requires_grad and y.grad_fn is not None
     xr = x.detach().clone().requires_grad_(True)
@@ -267,7 +288,7 @@ def test_forward_second_derivatives(launcher, shape, axes, make_mask, log):
     x = _randn(shape, 3).requires_grad_(True)
 
     def f(x):
-        y = _torch_cuda.forward(TXP, x, axes, mask, log, None)
+        y = _bridge("forward", x, axes=axes, mask=mask, log=log)
         # Masked log-probabilities are the constant -inf, which finite differences cannot take.
         return y if mask is None else torch.where(mask, y, 0.0)
 
@@ -282,14 +303,12 @@ def test_vjp_jvp_derivatives(launcher, op, shape, axes, make_mask, log):
     """First and second derivatives of the VJP and JVP in both arguments (finite differences)."""
     mask = make_mask(shape)
     # y: a forward output (log: log-probabilities), any values work for the formulas.
-    y0 = _generic.forward(TXP, _randn(shape, 4), axes, mask, log)
+    y0 = generic.softmax.forward(TXP, _randn(shape, 4), axes, mask, log)
     y0 = torch.where(torch.isfinite(y0), y0, -3.0)  # finite, so finite differences stay finite
     y = y0.clone().requires_grad_(True)
     g = _randn(shape, 5).requires_grad_(True)
-    fn = getattr(_torch_cuda, op)
-
     def f(y, g):
-        return fn(TXP, y, g, axes, mask, log, None)
+        return _bridge(op, y, g, axes=axes, mask=mask, log=log)
 
     assert torch.autograd.gradcheck(f, (y, g))
     assert torch.autograd.gradgradcheck(f, (y, g))
@@ -301,7 +320,7 @@ def test_hessian_vector_product_matches_torch(launcher, log):
     shape, axes = (4, 7), (1,)
     x = _randn(shape, 10).requires_grad_(True)
     g, v = _randn(shape, 11), _randn(shape, 12)
-    y = _torch_cuda.forward(TXP, x, axes, None, log, None)
+    y = _bridge("forward", x, axes=axes, mask=None, log=log)
     (dx,) = torch.autograd.grad(y, x, g, create_graph=True)
     (hvp,) = torch.autograd.grad(dx, x, v)
     xr = x.detach().clone().requires_grad_(True)
@@ -322,17 +341,17 @@ def test_jvp_matches_torch_func(launcher, log):
         return torch.log_softmax(x, dim=-1) if log else torch.softmax(x, dim=-1)
 
     y, dy_ref = torch.func.jvp(ref, (x,), (t,))
-    dy = _torch_cuda.jvp(TXP, y, t, (1,), None, log, None)
+    dy = _bridge("jvp", y, t, axes=(1,), mask=None, log=log)
     xp_assert_close(dy, dy_ref)
 
 
 def test_no_autograd_without_requires_grad(launcher):
     x = _randn((2, 3), 15)
-    y = _torch_cuda.forward(TXP, x, (1,), None, False, None)
+    y = _bridge("forward", x, axes=(1,), mask=None, log=False)
     assert y.grad_fn is None and not y.requires_grad
     with torch.no_grad():
         xr = _randn((2, 3), 15).requires_grad_(True)
-        y2 = _torch_cuda.forward(TXP, xr, (1,), None, False, None)
+        y2 = _bridge("forward", xr, axes=(1,), mask=None, log=False)
     assert y2.grad_fn is None
 
 
@@ -342,10 +361,10 @@ def test_out_with_requires_grad_raises(launcher, op):
     out = torch.empty(2, 3, dtype=torch.float64)
     args = (a,) if op == "forward" else (a, _randn((2, 3), 17))
     with pytest.raises(RuntimeError, match=r"out= does not support automatic differentiation"):
-        getattr(_torch_cuda, op)(TXP, *args, (1,), None, False, out)
+        _bridge(op, *args, axes=(1,), mask=None, log=False, out=out)
     assert launcher.calls == []
     with torch.no_grad():  # as in torch, out= is fine without grad mode
-        r = getattr(_torch_cuda, op)(TXP, *args, (1,), None, False, out)
+        r = _bridge(op, *args, axes=(1,), mask=None, log=False, out=out)
     assert r is out
 
 
@@ -356,7 +375,7 @@ def test_out_with_requires_grad_raises(launcher, op):
 @pytest.fixture
 def routed(monkeypatch, launcher) -> _Launcher:
     monkeypatch.setattr(_compat, "is_torch_cuda_array", _compat.is_torch_array)
-    monkeypatch.setattr(_dispatch, "_cupy_importable", lambda: True)
+    monkeypatch.setattr(_torch_cuda, "_cupy_importable", lambda: True)
     return launcher
 
 
@@ -364,7 +383,7 @@ def test_public_api_uses_route(routed):
     x = _randn((3, 5), 18).requires_grad_(True)
     g = _randn((3, 5), 19)
     with xpsoftmax.kernels("auto"):
-        assert _dispatch.select(x) is _torch_cuda
+        assert backend_of(x) == "torch-cuda"
         y = xpsoftmax.softmax(x)
         y.backward(g)
         ly = xpsoftmax.log_softmax(x.detach(), axis=0)
@@ -392,7 +411,7 @@ def test_public_api_out_with_grad_raises(routed):
 def test_public_api_never_skips_route(routed):
     x = _randn((2, 4), 21)
     with xpsoftmax.kernels("never"):
-        assert _dispatch.select(x) is None
+        assert backend_of(x) == "generic"
         y = xpsoftmax.softmax(x)
     assert routed.calls == []
     xp_assert_close(y, torch.softmax(x, dim=-1))
@@ -413,7 +432,7 @@ def test_public_api_bfloat16(routed):
 
 def test_always_without_cupy_raises(monkeypatch):
     monkeypatch.setattr(_compat, "is_torch_cuda_array", _compat.is_torch_array)
-    monkeypatch.setattr(_dispatch, "_cupy_importable", lambda: False)
+    monkeypatch.setattr(_torch_cuda, "_cupy_importable", lambda: False)
     x = _randn((2, 4), 23)
     with xpsoftmax.kernels("always"):
         with pytest.raises(RuntimeError, match=r"CuPy is not installed"):

@@ -3,19 +3,18 @@ array-API backend (NumPy, CuPy, PyTorch, JAX, Dask, array-api-strict), plus fuse
 """
 
 from . import losses
-from ._api import (
-    check_vjp,
+from ._config import get_kernels, kernels, set_kernels
+from .nn import LogSoftmax, Softmax
+from .ops.checks import check_vjp, softmax_jacobian
+from .ops.cross_entropy import cross_entropy, cross_entropy_backward
+from .ops.softmax import (
     log_softmax,
     log_softmax_backward,
     log_softmax_jvp,
     softmax,
     softmax_backward,
-    softmax_jacobian,
     softmax_jvp,
 )
-from ._dispatch import get_kernels, kernels, set_kernels
-from ._xent import cross_entropy, cross_entropy_backward
-from .nn import LogSoftmax, Softmax
 
 __version__ = "0.1.0"
 

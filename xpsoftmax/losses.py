@@ -31,8 +31,10 @@ from typing import Any
 
 import numpy as np
 
-from . import _api, _xent
-from ._xent import REDUCTIONS
+from ._call import XentCall, validate
+from ._dtypes import compute_dtype
+from .backends.generic import cross_entropy as xent
+from .ops.cross_entropy import REDUCTIONS, check_dloss, check_reduction, prepare, validate_dloss
 
 Array = Any
 
@@ -43,7 +45,7 @@ class _Loss:
     _reductions: tuple[str, ...] = REDUCTIONS
 
     def __init__(self, reduction: str = "mean") -> None:
-        self.reduction = _xent.check_reduction(reduction, self._reductions)
+        self.reduction = check_reduction(reduction, self._reductions)
         self._state: tuple[Any, ...] | None = None
 
     def __repr__(self) -> str:
@@ -64,10 +66,10 @@ class _Loss:
 
 def _pair(pred: Any, target: Any) -> tuple[Any, Array, Array, Any]:
     """``pred`` and ``target`` validated, of one shape, in the compute dtype; the result dtype."""
-    xp, (pred, target), _, _, dtype = _api._prepare(
+    xp, (pred, target), _, _, dtype = validate(
         ((pred, "pred"), (target, "target")), None, None, None
     )
-    ctype = xp.float32 if xp.finfo(dtype).bits < 32 else dtype
+    ctype = compute_dtype(xp, dtype)
     if pred.dtype != ctype:
         pred, target = xp.astype(pred, ctype), xp.astype(target, ctype)
     return xp, pred, target, dtype
@@ -85,7 +87,7 @@ def _elementwise_reduce(xp: Any, loss: Array, reduction: str, dtype: Any) -> Arr
 
 def _elementwise_weight(xp: Any, ref: Array, reduction: str, dloss: Any) -> Array | float:
     """d(loss)/d(elementwise loss): ``dloss`` divided by what the reduction divides by."""
-    w = _xent.validate_dloss(xp, ref, ref.dtype, tuple(ref.shape), dloss, reduction)
+    w = validate_dloss(xp, ref, ref.dtype, tuple(ref.shape), dloss, reduction)
     size = 1
     for d in ref.shape:
         size *= d
@@ -165,17 +167,17 @@ class _LogLikelihood(_Loss):
         )
 
     def _loss(self, pred: Array, target: Array, log: bool) -> Array:
-        p = _xent.prepare(pred, "pred", target, self.axis, self.ignore_index, None)
+        p = prepare(pred, "pred", target, self.axis, self.ignore_index, None)
         with np.errstate(all="ignore"):
             ly = p.x if log else _safe_log(p.xp, p.x)
-            loss = _xent.reduce(p, _xent.sample_losses(p, ly, 0.0), self.reduction)
+            loss = xent.reduce(p, xent.sample_losses(p, ly, 0.0), self.reduction)
         self._state = (p,)
         return loss
 
-    def _logp_gradient(self, dloss: Any) -> tuple[_xent.Problem, Array]:
+    def _logp_gradient(self, dloss: Any) -> tuple[XentCall, Array]:
         (p,) = self._saved()
-        w = _xent.sample_weights(p, self.reduction, _xent.check_dloss(p, dloss, self.reduction))
-        return p, _xent.logp_gradient(p, w, 0.0)
+        w = xent.sample_weights(p, self.reduction, check_dloss(p, dloss, self.reduction))
+        return p, xent.logp_gradient(p, w, 0.0)
 
 
 class NLL(_LogLikelihood):

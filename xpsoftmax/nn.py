@@ -17,7 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._api import Axis, log_softmax, log_softmax_backward, softmax, softmax_backward
+from ._call import Axis
+from .ops.softmax import log_softmax, log_softmax_backward, softmax, softmax_backward
 
 Array = Any
 

@@ -1,9 +1,9 @@
-"""Pure array-API implementations: the reference every other path is tested against.
+"""The softmax family in pure array-API code: the reference every other path is tested against.
 
 Every function here takes an array-API namespace ``xp`` (as returned by ``array_namespace``),
 arrays of one real floating dtype and one shape, ``axes`` as a tuple of distinct non-negative
-ints and ``mask`` as ``None`` or a boolean array already broadcast to the input's shape. Inputs
-are validated by ``_api``; nothing here checks them again.
+ints and ``mask`` as ``None`` or a boolean array already broadcast to the input's shape: the
+fields of a validated :class:`~xpsoftmax._call.Call`; nothing here checks them again.
 
 Half-precision inputs are computed in float32 and rounded back once at the end. Only array-API
 operations are used, so the code stays lazy on Dask and traceable under ``jax.jit``.
@@ -14,16 +14,14 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..._compat import device
+from ..._dtypes import compute_dtype
+
 Array = Any
 
 
-def _compute_dtype(xp: Any, dtype: Any) -> Any:
-    """float32 for float16 and bfloat16 inputs, the input dtype otherwise."""
-    return xp.float32 if xp.finfo(dtype).bits < 32 else dtype
-
-
 def _upcast(xp: Any, x: Array) -> Array:
-    ct = _compute_dtype(xp, x.dtype)
+    ct = compute_dtype(xp, x.dtype)
     return x if ct == x.dtype else xp.astype(x, ct)
 
 
@@ -68,12 +66,12 @@ def forward(xp: Any, x: Array, axes: tuple[int, ...], mask: Array | None, log: b
     r = z - xp.log(s) if log else xp.exp(z) / s
     if mask is not None:
         # Masked entries are exactly 0 (log: -inf) even in a row that a NaN poisons.
-        fill = xp.asarray(-math.inf if log else 0.0, dtype=r.dtype, device=_device(xp, r))
+        fill = xp.asarray(-math.inf if log else 0.0, dtype=r.dtype, device=device(r))
         r = xp.where(mask, r, fill)
     return _downcast(xp, r, dtype)
 
 
-def _masked(xp: Any, v: Array, mask: Array | None) -> Array:
+def masked(xp: Any, v: Array, mask: Array | None) -> Array:
     return v if mask is None else xp.where(mask, v, xp.zeros_like(v))
 
 
@@ -88,15 +86,15 @@ def backward(
     dtype = y.dtype
     # Masked cotangents are zeroed first, so an inf there never meets a 0 (no 0 * inf on Dask,
     # whose compute runs outside any floating-point error state set here).
-    y, g = _upcast(xp, y), _masked(xp, _upcast(xp, g), mask)
+    y, g = _upcast(xp, y), masked(xp, _upcast(xp, g), mask)
     if log:
         p = xp.exp(y)
-        dot = xp.sum(_masked(xp, g, mask), axis=axes, keepdims=True)
+        dot = xp.sum(masked(xp, g, mask), axis=axes, keepdims=True)
         r = g - p * dot
     else:
-        dot = xp.sum(_masked(xp, y * g, mask), axis=axes, keepdims=True)
+        dot = xp.sum(masked(xp, y * g, mask), axis=axes, keepdims=True)
         r = y * (g - dot)
-    return _downcast(xp, _masked(xp, r, mask), dtype)
+    return _downcast(xp, masked(xp, r, mask), dtype)
 
 
 def jvp(xp: Any, y: Array, t: Array, axes: tuple[int, ...], mask: Array | None, log: bool) -> Array:
@@ -108,9 +106,9 @@ def jvp(xp: Any, y: Array, t: Array, axes: tuple[int, ...], mask: Array | None, 
     if not log:
         return backward(xp, y, t, axes, mask, log=False)
     dtype = y.dtype
-    y, t = _upcast(xp, y), _masked(xp, _upcast(xp, t), mask)
-    dot = xp.sum(_masked(xp, xp.exp(y) * t, mask), axis=axes, keepdims=True)
-    return _downcast(xp, _masked(xp, t - dot, mask), dtype)
+    y, t = _upcast(xp, y), masked(xp, _upcast(xp, t), mask)
+    dot = xp.sum(masked(xp, xp.exp(y) * t, mask), axis=axes, keepdims=True)
+    return _downcast(xp, masked(xp, t - dot, mask), dtype)
 
 
 def jacobian(xp: Any, y: Array) -> Array:
@@ -118,13 +116,7 @@ def jacobian(xp: Any, y: Array) -> Array:
     dtype = y.dtype
     y = _upcast(xp, y)
     n = y.shape[-1]
-    eye = xp.eye(n, dtype=y.dtype, device=_device(xp, y))
+    eye = xp.eye(n, dtype=y.dtype, device=device(y))
     col = xp.expand_dims(y, axis=-1)
     row = xp.expand_dims(y, axis=-2)
     return _downcast(xp, col * eye - col * row, dtype)
-
-
-def _device(xp: Any, x: Array) -> Any:
-    from ._compat import device
-
-    return device(x)

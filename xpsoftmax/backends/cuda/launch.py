@@ -1,8 +1,8 @@
-"""CuPy arrays to the fused kernels of ``kernels/``: layout planning, tier choice and launches.
+"""The CuPy backend: CuPy arrays on the fused kernels of ``kernels/``, layouts and launches.
 
-Imported only when a CuPy array (or a CUDA tensor through DLPack) arrives. The planning half
-(:func:`choose_tier`, :func:`merge_dims`) is plain Python on shapes and strides, so it is
-tested on machines without a GPU; the launch half needs a device.
+Imported only when a CuPy array (or a CUDA tensor through ``torch_bridge``) arrives. The tier
+choice is ``plan.py`` (plain Python, tested without a GPU); the kernels' names and
+instantiations are ``specs.py``; compiling and caching them is ``loader.py``.
 
 Layouts:
 
@@ -13,128 +13,70 @@ Layouts:
   which read coalesced across ``inner`` without a transposing copy;
 * several axes: moved to the end (a copy) and flattened into one.
 
-Tiers for rows (see ``kernels/softmax.cu``): ``warp`` keeps the row in registers (up to 1024
-elements, 512 for float64, 2048 for the unmasked float16/32 forward), ``block`` caches it in
-shared memory, ``split`` spreads it over several cooperating blocks (``kernels/softmax_split.cu``).
-Rows without a mask take the ``*_plain`` kernels of the first two tiers (float16/32).
+Cross-entropy with class-index targets along the last axis and no mask runs the fused kernels of
+``kernels/cross_entropy.cu`` (one block per row, online max and sum); its other forms take the
+generic backend, whose log-softmax sub-call comes back here.
+
+Every launch runs on the device of its input (``cupy.cuda.Device(x.device.id)``), so arrays on a
+second GPU compute there.
 """
 
 from __future__ import annotations
 
-import functools
 import math
-import os
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from . import _kernel_specs as specs
-from . import _kernels
+from ... import _config, _dtypes
+from ..._call import ROW_KINDS, Call, XentCall, finish
+from ..generic import cross_entropy as generic_xent
+from . import loader as _kernels
+from . import specs
+from .plan import SPLIT_BLOCK, STRIDED_BLOCK, WAVES, _pad16, choose_tier, merge_dims, split_chunks
 
-_DTYPES = ("float16", "float32", "float64")
-# dtype.char -> name; dtype.name is a slow Python property, and this runs on every call.
-_NAMES = {"e": "float16", "f": "float32", "d": "float64"}
-
-#: Longest row (elements) for the register tier, per dtype.
-WARP_MAX = {"float16": 1024, "float32": 1024, "float64": 512}
-#: ... and for the unmasked forward kernels, which hold longer rows (specs.WARP_PACKS_PLAIN_FWD).
-WARP_MAX_PLAIN_FWD = {"float16": 2048, "float32": 2048}
-#: Shared memory the block tier leaves free below the device's opt-in limit (static arrays, slack).
-#: Rows whose cached arrays fit go to the block tier: the tier sweep in benchmarks/gpu_tune.py
-#: showed it at 2.5 TB/s and more up to 128 KiB rows on an H200, against about 1 TB/s for the
-#: split-row path that cached rows across cooperating blocks (since replaced).
-BLOCK_SMEM_SLACK = 4 * 1024
-#: Bytes of one split-row chunk (one block's share of a row per item). 32 KiB chunks gave each
-#: block too little work between its reductions: about 2 TB/s of traffic on an H200.
-SPLIT_CHUNK_BYTES = 128 * 1024
-#: Grids: the occupancy API's full-device grid times this many waves, at most.
-WAVES = 16
-_SPLIT_BLOCK = 512
-_STRIDED_BLOCK = 512
-
-#: Internal override of the tier choice, for benchmarks and tests: "warp", "block", "split".
-_FORCE_TIER: str | None = os.environ.get("XPSOFTMAX_FORCE_TIER") or None
-#: Internal switch for benchmarks: False sends unmasked rows to the masked kernels too (the kernels
-#: before the ``*_plain`` ones existed), for side-by-side timing in one run.
-_PLAIN = True
+__all__ = ["kernel_dtype", "run", "takes"]
 
 _OP_SOFTMAX, _OP_LOG_VJP, _OP_LOG_JVP = 0, 1, 2
 
 
-def takes(x: Any, *, always: bool) -> bool:
-    """True when the kernels handle ``x``'s dtype (float16, float32, float64)."""
-    if x.dtype.char in _NAMES:
+def kernel_dtype(dtype: Any, mode: str) -> bool:
+    """Whether the kernels take ``dtype`` (float16/32/64); under ``"always"`` another dtype is a
+    ``TypeError`` instead of False."""
+    if _dtypes.kernel_dtype(dtype) is not None:
         return True
-    if always:
-        msg = f"XPSOFTMAX_KERNELS=always, but the kernels take float16/32/64, not {x.dtype}"
+    if mode == "always":
+        msg = f"XPSOFTMAX_KERNELS=always, but the kernels take float16/32/64, not {dtype}"
         raise TypeError(msg)
     return False
 
 
-# ------------------------------------------------------------------------------------------------
-# planning (pure Python)
+def xent_takes(call: XentCall) -> bool:
+    """Whether the fused cross-entropy kernels cover the call: index targets, the last axis, no
+    mask (the other forms run generically, in every kernel mode)."""
+    return call.kind == "index" and call.axis == call.x_in.ndim - 1 and call.mask is None
 
 
-def merge_dims(shape: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
-    """One stride that walks all of ``shape`` in C order, or None when there is none.
-
-    ``strides`` are in elements. Dimensions of size 1 never matter; an empty ``shape`` merges
-    to stride 0.
-    """
-    dims = [(n, s) for n, s in zip(shape, strides, strict=True) if n != 1]
-    if not dims:
-        return 0
-    for (_, s_outer), (n_inner, s_inner) in zip(dims, dims[1:], strict=False):
-        if s_outer != s_inner * n_inner:
-            return None
-    return dims[-1][1]
+def takes(call: Call | XentCall) -> bool:
+    """Calls on CuPy arrays of the kernels' dtypes, unless the kernel mode is ``"never"``."""
+    if call.mode == "never":
+        return False
+    if isinstance(call, XentCall):
+        return kernel_dtype(call.x_in.dtype, call.mode) and xent_takes(call)
+    return call.op.kind in ROW_KINDS and kernel_dtype(call.dtype, call.mode)
 
 
-@dataclass(frozen=True)
-class Tier:
-    """A launch choice for rows of length ``n``."""
-
-    name: str  # "warp", "block", "split"
-    lanes: int = 0
-    packs: int = 0
-    block: int = 0
-    smem: int = 0
-
-
-def _pad16(b: int) -> int:
-    return (b + 15) & ~15
-
-
-@functools.lru_cache(maxsize=1024)
-def choose_tier(
-    n: int, dtype: str, arrays: int, masked: bool, smem_limit: int, forced: str | None = None
-) -> Tier:
-    """The tier for rows of ``n`` elements of ``dtype``.
-
-    ``arrays`` is 1 for the forward kernels and 2 for backward/JVP (two inputs cached);
-    ``forced`` names a tier to use wherever it can take the row (benchmarks and tests).
-    """
-    itemsize = np.dtype(dtype).itemsize
-    vec = specs.VEC[dtype]
-    row_bytes = arrays * _pad16(n * itemsize) + (n if masked else 0)
-    warp_max, packs_list = WARP_MAX[dtype], specs.WARP_PACKS[dtype]
-    if arrays == 1 and not masked and dtype in WARP_MAX_PLAIN_FWD:
-        warp_max = WARP_MAX_PLAIN_FWD[dtype]
-        packs_list = (*packs_list, *specs.WARP_PACKS_PLAIN_FWD[dtype])
-    if forced in (None, "warp") and n <= warp_max:
-        packs_needed = -(-n // vec)
-        if packs_needed <= 16:
-            lanes = next(lanes for lanes in (*specs.WARP_LANES, 32) if lanes >= packs_needed)
-            return Tier("warp", lanes=lanes, packs=1)
-        packs = next(p for p in packs_list if p * 32 >= packs_needed)
-        return Tier("warp", lanes=32, packs=packs)
-    fits_block = row_bytes + BLOCK_SMEM_SLACK <= smem_limit
-    if fits_block and forced in (None, "block", "warp"):
-        elems = -(-n // vec)
-        block = 256 if elems <= 1024 else (512 if elems <= 4096 else 1024)
-        return Tier("block", block=block, smem=row_bytes)
-    return Tier("split", block=_SPLIT_BLOCK)
+def run(call: Call | XentCall) -> Any:
+    """The call on the fused kernels, on the device of its input."""
+    x = call.x_in if isinstance(call, XentCall) else call.x
+    with _cp().cuda.Device(x.device.id):
+        if isinstance(call, XentCall):
+            return _xent(call)
+        kind, log = call.op.kind, call.op.log
+        if kind == "forward":
+            return _run(True, call.arrays, call.axes, call.mask, int(log), call.out)
+        flag = _OP_SOFTMAX if not log else _OP_LOG_VJP if kind == "vjp" else _OP_LOG_JVP
+        return _run(False, call.arrays, call.axes, call.mask, flag, call.out)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -222,13 +164,14 @@ def _launch_rows(fwd: bool, arrays: tuple[Any, ...], mask: Any | None, flag: int
     views = [_as_rows(a, n) for a in arrays]
     res, ldr = _writable_rows(out, shape, a0.dtype, arrays, n)
     mp, mrs, mcs = _mask_rows(mask, n)
-    dtype = _NAMES[a0.dtype.char]
+    dtype = _dtypes.kernel_dtype(a0.dtype).name
     vec = all(_is_aligned(a, ld) for a, ld in views) and _is_aligned(res, ldr)
     direction = "fwd" if fwd else "bwd"
     device = cp.cuda.runtime.getDevice()
     smem_limit = _kernels.max_dynamic_smem(device)
-    masked = mask is not None or not _PLAIN
-    tier = choose_tier(n, dtype, len(arrays), masked, smem_limit, _FORCE_TIER)
+    tuning = _config.tuning()
+    masked = mask is not None or not tuning.plain
+    tier = choose_tier(n, dtype, len(arrays), masked, smem_limit, tuning.tier)
     ptrs: list[Any] = []
     for a, ld in views:
         ptrs += [a, _i64(ld)]
@@ -250,20 +193,7 @@ def _launch_rows(fwd: bool, arrays: tuple[Any, ...], mask: Any | None, flag: int
         kernel((grid,), (tier.block,), (*ptrs, np.int32(vec)), shared_mem=tier.smem)
     else:
         _launch_split(direction, dtype, ptrs, rows, n, vec)
-    if out is not None and res is not out:
-        out[...] = res
-        return out
     return res
-
-
-def split_chunks(n: int, dtype: str) -> tuple[int, int]:
-    """Split-row plan for rows of ``n``: (chunk elements, chunks a row).
-
-    A chunk is a whole number of 16-byte packs, so every chunk of an aligned row starts aligned.
-    """
-    v = specs.VEC[dtype]
-    chunk = max(v, (SPLIT_CHUNK_BYTES // np.dtype(dtype).itemsize) // v * v)
-    return chunk, -(-n // chunk)
 
 
 def _launch_split(direction, dtype, ptrs, rows, n, vec) -> None:
@@ -279,16 +209,16 @@ def _launch_split(direction, dtype, ptrs, rows, n, vec) -> None:
     out_args, mask_args, flag = rest[:2], rest[2:5], rest[7]
     tail = (np.int32(vec), np.int32(C), np.int32(chunk))
     k1 = _kernels.get_function("softmax_split.cu", specs.split_name(direction, "part", dtype))
-    grid1 = min(items, 8 * _kernels.occupancy_grid(k1, _SPLIT_BLOCK, 0))
+    grid1 = min(items, 8 * _kernels.occupancy_grid(k1, SPLIT_BLOCK, 0))
     if direction == "fwd":
         args1 = (*inputs, *mask_args, _i64(rows), _i32(n), *tail, part)
     else:
         args1 = (*inputs, *mask_args, _i64(rows), _i32(n), flag, *tail, part)
-    k1((grid1,), (_SPLIT_BLOCK,), args1)
+    k1((grid1,), (SPLIT_BLOCK,), args1)
     k2 = _kernels.get_function("softmax_split.cu", specs.split_name(direction, "apply", dtype))
-    grid2 = min(items, 8 * _kernels.occupancy_grid(k2, _SPLIT_BLOCK, 0))
+    grid2 = min(items, 8 * _kernels.occupancy_grid(k2, SPLIT_BLOCK, 0))
     args2 = (*inputs, *out_args, *mask_args, _i64(rows), _i32(n), flag, *tail, part)
-    k2((grid2,), (_SPLIT_BLOCK,), args2)
+    k2((grid2,), (SPLIT_BLOCK,), args2)
 
 
 def _strided_mask(mask: Any | None, a: int) -> tuple[Any, int, int, int]:
@@ -316,25 +246,23 @@ def _launch_strided(fwd: bool, arrays, axis: int, mask, flag: int, out):
         res = out
     else:
         res = cp.empty(shape, dtype=a0.dtype)
-    dtype = _NAMES[a0.dtype.char]
+    dtype = _dtypes.kernel_dtype(a0.dtype).name
     itemsize = a0.itemsize
     width = 32 // itemsize
     smem = len(arrays) * _pad16(n * width * itemsize) + (n * width if mask is not None else 0)
     direction = "fwd" if fwd else "bwd"
     device = cp.cuda.runtime.getDevice()
-    cached = smem + 16 * 1024 + 1024 <= _kernels.max_dynamic_smem(device) and _FORCE_TIER != "split"
+    fits = smem + 16 * 1024 + 1024 <= _kernels.max_dynamic_smem(device)
+    cached = fits and _config.tuning().tier != "split"
     kernel = _kernels.get_function("softmax.cu", specs.strided_name(direction, dtype, cached))
     if not cached:
         smem = 0
     _kernels.set_max_dynamic_smem(kernel, smem)
     tiles = outer * -(-inner // width)
-    grid = min(tiles, _kernels.occupancy_grid(kernel, _STRIDED_BLOCK, smem))
+    grid = min(tiles, _kernels.occupancy_grid(kernel, STRIDED_BLOCK, smem))
     mp, so, sj, si = _strided_mask(mask, axis)
     args = (*arrays, res, mp, _i64(so), _i64(sj), _i64(si), _i64(outer), _i32(n), _i64(inner))
-    kernel((grid,), (_STRIDED_BLOCK,), (*args, np.int32(flag)), shared_mem=smem)
-    if out is not None and res is not out:
-        out[...] = res
-        return out
+    kernel((grid,), (STRIDED_BLOCK,), (*args, np.int32(flag)), shared_mem=smem)
     return res
 
 
@@ -348,10 +276,7 @@ def _run(fwd: bool, arrays: tuple[Any, ...], axes: tuple[int, ...], mask, flag: 
         arrays = tuple(a.reshape((*shape, 1)) for a in arrays)
         mask = None if mask is None else mask.reshape((*shape, 1))
         r = _run(fwd, arrays, (ndim,), mask, flag, None).reshape(shape)
-        if out is not None:
-            out[...] = r
-            return out
-        return r
+        return finish(r, out)
     if len(axes) > 1:
         k = len(axes)
         dest = tuple(range(ndim - k, ndim))
@@ -365,10 +290,7 @@ def _run(fwd: bool, arrays: tuple[Any, ...], axes: tuple[int, ...], mask, flag: 
             fmask = cp.ascontiguousarray(cp.moveaxis(mask, axes, dest)).reshape((*lead, n))
         r = _run(fwd, flat, (ndim - k,), fmask, flag, None)
         r = cp.moveaxis(r.reshape(moved[0].shape), dest, axes)
-        if out is not None:
-            out[...] = r
-            return out
-        return cp.ascontiguousarray(r)
+        return finish(r, out) if out is not None else cp.ascontiguousarray(r)
     (axis,) = axes
     inner = math.prod(a0.shape[axis + 1 :])
     if axis == ndim - 1 or inner == 1:
@@ -379,31 +301,48 @@ def _run(fwd: bool, arrays: tuple[Any, ...], axes: tuple[int, ...], mask, flag: 
             arrays = tuple(a.reshape(keep) for a in arrays)
             mask = None if mask is None else mask.reshape(keep)
             r = _launch_rows(fwd, arrays, mask, flag, None).reshape(shape)
-            if out is not None:
-                out[...] = r
-                return out
-            return r
+            return finish(r, out)
         return _launch_rows(fwd, arrays, mask, flag, out)
     return _launch_strided(fwd, arrays, axis, mask, flag, out)
 
 
-def _on_device(arrays: tuple[Any, ...]) -> Any:
-    return _cp().cuda.Device(arrays[0].device.id)
+# ------------------------------------------------------------------------------------------------
+# cross-entropy (kernels/cross_entropy.cu)
 
 
-def forward(xp: Any, x: Any, axes: tuple[int, ...], mask: Any | None, log: bool, out: Any | None):
-    """softmax / log_softmax of a CuPy array with the fused kernels (see ``_generic.forward``)."""
-    with _on_device((x,)):
-        return _run(True, (x,), axes, mask, int(log), out)
+def _xent_launch(direction: str, p: XentCall, rows: int, head: tuple[Any, ...]) -> None:
+    """Launch one kernel: a block per row, grid-stride over rows (kernel arguments: ``head``,
+    then rows, classes, ignore_index, whether it is set, label smoothing)."""
+    ctype = _dtypes.kernel_dtype(p.x_in.dtype).ctype
+    kernel = _kernels.get_function("cross_entropy.cu", f"xps_xent_{direction}<{ctype}>")
+    n = p.n_classes
+    block = 32 if n <= 128 else 64 if n <= 512 else 128 if n <= 2048 else 256
+    grid = max(1, min(rows, _kernels.occupancy_grid(kernel, block)))
+    ignore = np.int64(0 if p.ignore is None else p.ignore)
+    tail = (np.int64(rows), np.int64(n), ignore, np.int32(p.ignore is not None), np.float64(p.eps))
+    kernel((grid,), (block,), (*head, *tail))
 
 
-def backward(xp: Any, y: Any, g: Any, axes, mask, log: bool, out: Any | None):
-    """The VJP kernels (see ``_generic.backward``)."""
-    with _on_device((y,)):
-        return _run(False, (y, g), axes, mask, _OP_LOG_VJP if log else _OP_SOFTMAX, out)
-
-
-def jvp(xp: Any, y: Any, t: Any, axes, mask, log: bool, out: Any | None):
-    """The JVP kernels (see ``_generic.jvp``)."""
-    with _on_device((y,)):
-        return _run(False, (y, t), axes, mask, _OP_LOG_JVP if log else _OP_SOFTMAX, out)
+def _xent(p: XentCall) -> Any:
+    """The loss (``xent``) or d(loss)/d(logits) (``xent_vjp``) with the fused kernels."""
+    cp = _cp()
+    rows = math.prod(p.loss_shape)
+    x = cp.ascontiguousarray(p.x_in).reshape(rows, p.n_classes)
+    t = cp.ascontiguousarray(p.index).reshape(rows)
+    if p.op.kind == "xent":
+        loss = cp.empty(rows, dtype=p.ctype)  # float32 for float16, rounded once in reduce()
+        if rows:
+            _xent_launch("fwd", p, rows, (x, t, loss))
+        return generic_xent.reduce(p, loss.reshape(p.loss_shape), p.reduction)
+    dx = cp.empty(x.shape, dtype=x.dtype)
+    if rows and p.n_classes:
+        dloss = p.dloss
+        if p.reduction == "none" and not isinstance(dloss, float) and dloss.ndim:
+            scale, stride = cp.ascontiguousarray(dloss, dtype=p.ctype).reshape(rows), 1
+        else:  # one scale for every row; ignored rows are zeroed by the kernel
+            scale = cp.asarray(dloss, dtype=p.ctype).reshape(1)
+            if p.reduction == "mean":
+                scale = generic_xent.mean_scale(p, scale)
+            stride = 0
+        _xent_launch("bwd", p, rows, (x, t, scale, np.int64(stride), dx))
+    return dx.reshape(p.x_in.shape)

@@ -11,10 +11,10 @@ row statistics are combined between passes. Blocks run on a thread pool (NumPy r
 GIL inside ufuncs and reductions); the block geometry depends only on the shape and dtype,
 never on the thread count, so results are bitwise the same for any number of threads.
 
-Semantics are exactly those of ``_generic`` (the special cases listed in
-``_generic._normalize``); float16 is computed in float32 scratch, one block at a time.
+Semantics are exactly those of the generic backend (the special cases listed in
+``backends/generic/softmax.py``, ``_normalize``); float16 is computed in float32 scratch, one block at a time.
 
-Left to ``_generic``: dtypes other than float16/32/64 (``longdouble``), ``ndarray`` subclasses,
+Left to the generic backend (see :func:`takes`): dtypes other than float16/32/64 (``longdouble``), ``ndarray`` subclasses,
 0-d arrays and ``axis=()``. Copied first: tuple axes that are not adjacent (moved last in a
 contiguous copy) and inputs whose strides cannot be merged into the 2-D/3-D view; an ``out=``
 that partly overlaps an input, or cannot be viewed, receives the result through a temporary.
@@ -38,15 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from . import _generic
+from ... import _config
+from ..._dtypes import TABLE, np_compute_dtype
 
 Array = Any
 
-__all__ = ["backward", "forward", "jvp", "num_threads", "takes"]
+__all__ = ["backward", "forward", "jvp", "takes"]
 
-_FAST_ENV = "XPSOFTMAX_NUMPY_FAST"
-_THREADS_ENV = "XPSOFTMAX_NUM_THREADS"
-_DTYPES = (np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64))
+_DTYPES = frozenset(np.dtype(name) for name in TABLE)
 
 # Below this many input bytes a call stays on the calling thread: the pool's hand-off would
 # cost more than it saves.
@@ -62,35 +61,18 @@ _MIN_CHUNK_ROWS = 64
 # switches
 
 
-def takes(x: Array) -> bool:
-    """True when ``x`` (a NumPy array) goes to this module rather than to ``_generic``."""
-    value = os.environ.get(_FAST_ENV, "1").strip()
-    if value not in ("0", "1", ""):
-        msg = f"environment variable {_FAST_ENV} must be 0 or 1, got {value!r}"
-        raise ValueError(msg)
-    return value != "0" and type(x) is np.ndarray and x.ndim > 0 and x.dtype in _DTYPES
-
-
-def _available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):  # not on Linux
-        return os.cpu_count() or 1
-
-
-def num_threads() -> int:
-    """The number of threads a large call uses: ``XPSOFTMAX_NUM_THREADS`` or the usable CPUs."""
-    value = os.environ.get(_THREADS_ENV, "").strip()
-    if not value:
-        return _available_cpus()
-    try:
-        n = int(value)
-    except ValueError:
-        n = 0
-    if n < 1:
-        msg = f"environment variable {_THREADS_ENV} must be a positive integer, got {value!r}"
-        raise ValueError(msg)
-    return n
+def takes(arrays: tuple[Array, ...], axes: tuple[int, ...], out: Array | None) -> bool:
+    """True when these arguments run here: plain ``ndarray`` inputs (and ``out``) of one dtype
+    of the table, at least one dimension and one softmax axis; ``XPSOFTMAX_NUMPY_FAST`` not 0."""
+    x = arrays[0]
+    return (
+        _config.numpy_fast()
+        and bool(axes)
+        and x.ndim > 0
+        and x.dtype in _DTYPES
+        and all(type(a) is np.ndarray and a.dtype == x.dtype for a in arrays)
+        and (out is None or type(out) is np.ndarray)
+    )
 
 
 @functools.cache
@@ -389,15 +371,9 @@ class _Call:
 
 
 def _setup(arrays: tuple[Array, ...], axes: tuple[int, ...], mask: Array | None, out: Array | None):
-    """A :class:`_Call`, or None when the arguments are left to the generic path."""
+    """A :class:`_Call` for arguments that :func:`takes` accepts."""
     x = arrays[0]
-    if not axes or any(type(a) is not np.ndarray or a.dtype != x.dtype for a in arrays):
-        return None
-    if x.ndim == 0 or x.dtype not in _DTYPES:
-        return None
-    if out is not None and type(out) is not np.ndarray:
-        return None
-    ct = np.dtype(np.float32) if x.dtype == np.float16 else x.dtype
+    ct = np_compute_dtype(x.dtype)
     plan = _plan(tuple(x.shape), tuple(axes), ct.itemsize)
     views, copied = zip(*(_view_or_copy(a, plan) for a in arrays), strict=True)
     mview = None if mask is None else _view_or_copy(mask, plan)[0]
@@ -419,7 +395,7 @@ def _setup(arrays: tuple[Array, ...], axes: tuple[int, ...], mask: Array | None,
     if ov is None:
         temp = ov = np.empty(plan.shape, dtype=x.dtype)
         aliases = [False] * len(arrays)
-    threads = num_threads() if x.nbytes * len(arrays) >= _SMALL_BYTES else 1
+    threads = _config.num_threads() if x.nbytes * len(arrays) >= _SMALL_BYTES else 1
     return _Call(plan, list(views), mview, ov, result, temp, aliases, ct, threads)
 
 
@@ -515,7 +491,7 @@ def _finish_rows(w: Array, s: Array, mb: Array | None, log: bool) -> None:
     """``w - log(s)`` (log) or ``w / s`` in place; masked entries keep their exact ``-inf``/0.
 
     Leaving masked entries out keeps them exact even in a row that a NaN poisons, as in
-    ``_generic.forward``.
+    the generic ``forward``.
     """
     op = np.subtract if log else np.divide
     if mb is None:
@@ -597,7 +573,7 @@ def _forward_chunked(c: _Call, log: bool) -> None:
 def _chunk_coefficients(m_part: Array, s_part: Array, log: bool) -> Array:
     """Per chunk and row: the factor (log: the term) that turns pass 1's output into the result.
 
-    The rows' special cases are those of ``_generic._normalize``: a ``+inf`` row splits its
+    The rows' special cases are those of the generic ``_normalize``: a ``+inf`` row splits its
     mass over its ``+inf`` entries (pass 1 left 1s there, ``s_part`` counts them); a row with a
     NaN, or whose unmasked entries are all ``-inf``, is NaN; a fully masked row has no entry
     left to change (pass 2 skips masked entries).
@@ -670,12 +646,10 @@ def _forward_three_pass(c: _Call, log: bool) -> None:
 
 
 def forward(
-    xp: Any, x: Array, axes: tuple[int, ...], mask: Array | None, log: bool, out: Array | None
+    x: Array, axes: tuple[int, ...], mask: Array | None, log: bool, out: Array | None
 ) -> Array:
     """softmax (``log=False``) or log_softmax (``log=True``) of ``x`` along ``axes``."""
     c = _setup((x,), axes, mask, out)
-    if c is None:
-        return _generic_result(_generic.forward(xp, x, axes, mask, log), out)
     with np.errstate(all="ignore"):
         if c.plan.chunks == 1:
             (xv,), mv, ov, plan, ct = c.inputs, c.mask, c.out, c.plan, c.ct
@@ -812,7 +786,6 @@ def _product(c: _Call, kind: str) -> Array:
 
 
 def backward(
-    xp: Any,
     y: Array,
     g: Array,
     axes: tuple[int, ...],
@@ -822,14 +795,11 @@ def backward(
 ) -> Array:
     """Vector-Jacobian product from the forward output ``y`` and the cotangent ``g``."""
     c = _setup((y, g), axes, mask, out)
-    if c is None:
-        return _generic_result(_generic.backward(xp, y, g, axes, mask, log), out)
     with np.errstate(all="ignore"):
         return _product(c, "log_vjp" if log else "softmax")
 
 
 def jvp(
-    xp: Any,
     y: Array,
     t: Array,
     axes: tuple[int, ...],
@@ -839,14 +809,5 @@ def jvp(
 ) -> Array:
     """Jacobian-vector product from the forward output ``y`` and the input tangent ``t``."""
     c = _setup((y, t), axes, mask, out)
-    if c is None:
-        return _generic_result(_generic.jvp(xp, y, t, axes, mask, log), out)
     with np.errstate(all="ignore"):
         return _product(c, "log_jvp" if log else "softmax")
-
-
-def _generic_result(r: Array, out: Array | None) -> Array:
-    if out is None:
-        return r
-    out[...] = r
-    return out

@@ -3,7 +3,7 @@
 A wheel ships the sources inside the package (``xpsoftmax/kernels/``); an editable checkout reads
 them from the top-level ``kernels/`` folder. Each source is compiled whole, once per CUDA device,
 with NVRTC through :class:`cupy.RawModule`, instantiating the template kernels listed for it in
-``_kernel_specs.SOURCES``. The text is prefixed with ``#line 1 "<path>"`` so that compiler errors
+``specs.SOURCES``. The text is prefixed with ``#line 1 "<path>"`` so that compiler errors
 name the real file. Compile errors propagate as CuPy's ``CompileException``; nothing is printed
 and nothing falls back silently.
 
@@ -23,7 +23,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from ._kernel_specs import SOURCES
+from .specs import SOURCES
 
 __all__ = [
     "get_function",
@@ -37,7 +37,8 @@ __all__ = [
 #: Options for every NVRTC compile (CuPy adds ``-ftz=true`` and the ``-arch`` of the device).
 OPTIONS: tuple[str, ...] = ("-std=c++17",)
 
-_PACKAGE_DIR = Path(__file__).resolve().parent
+# xpsoftmax/ (this file is xpsoftmax/backends/cuda/loader.py)
+_PACKAGE_DIR = Path(__file__).resolve().parents[2]
 
 _lock = threading.Lock()
 # (device id, file name) -> cupy.RawModule; (device id, file name, name expression) -> RawKernel.
@@ -157,7 +158,7 @@ def get_function(filename: str, name: str) -> Any:
     Parameters
     ----------
     filename : str
-        A source listed in ``_kernel_specs.SOURCES``, such as ``"softmax.cu"``.
+        A source listed in ``specs.SOURCES``, such as ``"softmax.cu"``.
     name : str
         One of the name expressions listed for it, such as ``"xps_fwd_block<float, 256>"``.
 

@@ -1,7 +1,7 @@
 """Which CUDA sources exist in ``kernels/`` and which template instantiations each one needs.
 
-This module imports nothing heavy (no CuPy), so the compile check (``_kcheck``) can use it on a
-machine with only ``nvcc``. ``_cupy`` uses the same lists as NVRTC ``name_expressions``, so the
+This module imports nothing heavy (no CuPy), so the compile check (``xpsoftmax.tools.kcheck``) can use it on a
+machine with only ``nvcc``. ``launch`` uses the same lists as NVRTC ``name_expressions``, so the
 compile check covers exactly what runs.
 """
 

@@ -1,0 +1,386 @@
+"""One validated call: what every public function builds at the boundary, and backends read.
+
+The public functions (``ops/``) turn their arguments into one immutable :class:`Call` (softmax
+family) or :class:`XentCall` (cross-entropy): the namespace, the arrays already in the result
+dtype, normalized axes, the mask broadcast to the input's shape, the checked ``out``, the
+operation (:class:`Op`) and the kernel mode in effect. Nothing below the boundary validates again;
+a backend that needs a sub-operation (cross-entropy needs log-softmax, a Dask block needs the
+operation on a block) derives a new :class:`Call` with :meth:`Call.derive`.
+
+The checks raise the errors the public API documents: ``TypeError`` for a wrong kind of
+argument, ``ValueError`` (``AxisError`` for axes) for a wrong value, with a message naming the
+argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import _compat, _config
+
+Array = Any
+Axis = int | tuple[int, ...] | None
+
+__all__ = ["Call", "Op", "XentCall", "finish", "make_call"]
+
+
+# --------------------------------------------------------------------------------------------
+# operations
+
+
+@dataclass(frozen=True)
+class Op:
+    """An operation: its public name, its kind, and whether it is the log-softmax variant.
+
+    ``kind`` is ``"forward"`` (one input ``x``), ``"vjp"`` or ``"jvp"`` (the forward output and a
+    cotangent or tangent), ``"jacobian"`` (the forward output), ``"xent"`` or ``"xent_vjp"``
+    (logits and targets, in an :class:`XentCall`).
+    """
+
+    name: str
+    kind: str
+    log: bool = False
+
+
+SOFTMAX = Op("softmax", "forward")
+LOG_SOFTMAX = Op("log_softmax", "forward", log=True)
+SOFTMAX_VJP = Op("softmax_backward", "vjp")
+LOG_SOFTMAX_VJP = Op("log_softmax_backward", "vjp", log=True)
+SOFTMAX_JVP = Op("softmax_jvp", "jvp")
+LOG_SOFTMAX_JVP = Op("log_softmax_jvp", "jvp", log=True)
+JACOBIAN = Op("softmax_jacobian", "jacobian")
+CROSS_ENTROPY = Op("cross_entropy", "xent", log=True)
+CROSS_ENTROPY_VJP = Op("cross_entropy_backward", "xent_vjp", log=True)
+
+#: The kinds whose result has the input's shape and whose rows normalize along ``axes``.
+ROW_KINDS = frozenset(("forward", "vjp", "jvp"))
+
+
+# --------------------------------------------------------------------------------------------
+# the call objects
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """A validated softmax-family call.
+
+    Attributes
+    ----------
+    op : Op
+    xp : namespace
+        The array-API namespace of the inputs (array-api-compat's wrapper where there is one).
+    arrays : tuple of arrays
+        ``(x,)`` for a forward pass, ``(y, g)`` for a VJP or JVP: one shape, the result dtype.
+    axes : tuple of int
+        The softmax axes, sorted, distinct, non-negative (possibly empty).
+    mask : array or None
+        ``where``, broadcast to the inputs' shape.
+    out : array or None
+        A checked, writeable ``out`` of the inputs' namespace, shape and result dtype.
+    dtype : dtype
+        The result dtype.
+    mode : str
+        The kernel mode in effect when the call was made (``xpsoftmax.get_kernels()``).
+    empty : bool
+        Whether the inputs have no elements (the result is then an empty array).
+    """
+
+    op: Op
+    xp: Any
+    arrays: tuple[Array, ...]
+    axes: tuple[int, ...]
+    mask: Array | None
+    out: Array | None
+    dtype: Any
+    mode: str
+    empty: bool = False
+
+    @property
+    def x(self) -> Array:
+        """The first array: the input of a forward pass, the forward output otherwise."""
+        return self.arrays[0]
+
+    def derive(self, **changes: Any) -> Call:
+        """This call with some fields replaced (a sub-operation, or one block of a Dask array).
+
+        The caller vouches for the new fields: nothing is validated again.
+        """
+        return dataclasses.replace(self, **changes)
+
+
+@dataclass(frozen=True)
+class XentCall:
+    """A validated cross-entropy call (also the input of the losses' shared code).
+
+    Attributes
+    ----------
+    op : Op
+        :data:`CROSS_ENTROPY` or :data:`CROSS_ENTROPY_VJP`.
+    xp : namespace
+    x_in : array
+        The input (logits, or log-probabilities for the losses) in the result dtype: what the
+        kernels read; :attr:`x` is it in the compute dtype, made on first use.
+    dtype : dtype
+        The dtype of the results.
+    ctype : dtype
+        The compute dtype: float32 for half precision, else ``dtype``.
+    axis : int
+        The class axis, non-negative.
+    kind : {"index", "prob"}
+    targets : array
+        Class indices (int64; ignored entries replaced by 0) or probabilities (compute dtype).
+    index : array or None
+        Class indices as int64 with ignored entries kept (what the kernels read).
+    ignore : int or None
+    valid : array of bool or None
+        The non-ignored samples; None when nothing can be ignored.
+    mask : array of bool or None
+        ``where`` broadcast to the input's shape.
+    mode : str
+        The kernel mode in effect.
+    reduction : str
+    eps : float
+        The label smoothing.
+    dloss : array or float or None
+        The upstream gradient of :data:`CROSS_ENTROPY_VJP` (checked), else None.
+    """
+
+    op: Op
+    xp: Any
+    x_in: Array
+    dtype: Any
+    ctype: Any
+    axis: int
+    kind: str
+    targets: Array
+    index: Array | None
+    ignore: int | None
+    valid: Array | None
+    mask: Array | None
+    mode: str = "auto"
+    reduction: str = "mean"
+    eps: float = 0.0
+    dloss: Array | float | None = None
+    empty = False  # the backends handle empty inputs themselves
+    out = None  # cross-entropy has no out=
+
+    @functools.cached_property
+    def x(self) -> Array:
+        """The input in the compute dtype (the generic path's; the kernels read ``x_in``)."""
+        x = self.x_in
+        return x if x.dtype == self.ctype else self.xp.astype(x, self.ctype)
+
+    @property
+    def n_classes(self) -> int:
+        return self.x_in.shape[self.axis]
+
+    @property
+    def loss_shape(self) -> tuple[int, ...]:
+        return tuple(d for i, d in enumerate(self.x_in.shape) if i != self.axis)
+
+    def derive(self, **changes: Any) -> XentCall:
+        """This call with some fields replaced; nothing is validated again."""
+        return dataclasses.replace(self, **changes)
+
+
+def finish(result: Array, out: Array | None) -> Array:
+    """``result``, written into ``out`` when one was given and the backend did not write there.
+
+    The one place (with the torch bridge's own tensors) where ``out=`` is filled by a copy.
+    """
+    if out is None or result is out:
+        return result
+    out[...] = result
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# validation helpers (also used by the cross-entropy and loss validation in ops/ and losses)
+
+
+def namespace(x: Any, name: str) -> tuple[Any, Array]:
+    """The array-API namespace of ``x``; array-likes (lists, scalars) become NumPy arrays."""
+    if not _compat.is_array_api_obj(x):
+        kind = type(x).__name__
+        try:
+            x = np.asarray(x)
+        except Exception as exc:
+            msg = f"{name} must be an array or array-like, got {kind}"
+            raise TypeError(msg) from exc
+        if x.dtype == object:
+            msg = f"{name} must be a numeric array, got an object array from {kind}"
+            raise TypeError(msg)
+    return _compat.array_namespace(x), x
+
+
+def same_namespace(xp: Any, a: Array, a_name: str, b: Array, b_name: str) -> Array:
+    """Check that ``b`` lives in the namespace of ``a`` (array-likes are converted)."""
+    if not _compat.is_array_api_obj(b):
+        _, b = namespace(b, b_name)
+        if _compat.is_numpy_array(a) or _compat.is_array_api_strict_namespace(xp):
+            return xp.asarray(b)
+        msg = (
+            f"{b_name} must be an array of the same kind as {a_name} "
+            f"({type(a).__module__}.{type(a).__qualname__}), got {type(b).__name__}"
+        )
+        raise TypeError(msg)
+    if _compat.array_namespace(b) is not xp:
+        msg = (
+            f"{a_name} and {b_name} must come from the same array library, got "
+            f"{type(a).__module__}.{type(a).__qualname__} and "
+            f"{type(b).__module__}.{type(b).__qualname__}"
+        )
+        raise TypeError(msg)
+    return b
+
+
+# NumPy/CuPy float dtypes, checked first: xp.isdtype is slow and this runs on every call.
+_NP_FLOATS = frozenset(np.dtype(t) for t in ("float16", "float32", "float64"))
+
+
+def float_dtype(xp: Any, x: Array, name: str) -> Any:
+    """The floating dtype the result has for input ``x``."""
+    dtype = x.dtype
+    if isinstance(dtype, np.dtype) and dtype in _NP_FLOATS:
+        # (array-api-strict dtypes hash like NumPy's and warn when compared with them)
+        return dtype
+    if xp.isdtype(dtype, "complex floating"):
+        msg = f"{name} must be real, got complex dtype {dtype}"
+        raise TypeError(msg)
+    if xp.isdtype(dtype, "real floating"):
+        return dtype
+    if xp.isdtype(dtype, ("integral", "bool")):
+        info = xp.__array_namespace_info__()
+        return info.default_dtypes(device=_compat.device(x))["real floating"]
+    msg = f"{name} must have a real numeric dtype, got {dtype}"
+    raise TypeError(msg)
+
+
+def normalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
+    """Normalize ``axis`` to a sorted tuple of distinct non-negative ints."""
+    if axis is None:
+        return tuple(range(ndim))
+    items = axis if isinstance(axis, tuple) else (axis,)
+    out = []
+    for a in items:
+        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+            msg = f"axis must be an int, a tuple of ints or None, got {axis!r}"
+            raise TypeError(msg)
+        a = operator.index(a)
+        if not -ndim <= a < ndim:
+            msg = f"axis {a} is out of bounds for an array of dimension {ndim}"
+            raise np.exceptions.AxisError(msg)
+        out.append(a % ndim)
+    if len(set(out)) != len(out):
+        msg = f"axis contains a repeated axis: {axis!r}"
+        raise ValueError(msg)
+    return tuple(sorted(out))
+
+
+def _known(d: Any) -> bool:
+    # Dask arrays of unknown chunk sizes have NaN (or None) entries in their shape.
+    return d is not None and not (isinstance(d, float) and d != d)
+
+
+def is_empty(shape: tuple[Any, ...]) -> bool:
+    """Whether an array of ``shape`` has no elements (an unknown Dask size is not 0)."""
+    return any(d == 0 for d in shape if _known(d))
+
+
+def _same_shape(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Equal shapes; an unknown (Dask) size matches any size."""
+    pairs = zip(a, b, strict=False)
+    return len(a) == len(b) and all(p == q or not (_known(p) and _known(q)) for p, q in pairs)
+
+
+def _broadcasts_to(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+    """Whether shape ``a`` broadcasts to shape ``b``; an unknown (Dask) size matches any size."""
+    pairs = zip(a[::-1], b[::-1], strict=False)
+    return len(a) <= len(b) and all(p in (1, q) or not (_known(p) and _known(q)) for p, q in pairs)
+
+
+def mask(xp: Any, x: Array, where: Any) -> Array | None:
+    """``where`` checked (boolean, broadcastable to ``x``) and broadcast to ``x``'s shape."""
+    if where is None:
+        return None
+    if isinstance(where, bool):
+        where = xp.asarray(where, device=_compat.device(x))
+    where = same_namespace(xp, x, "x", where, "where")
+    if not xp.isdtype(where.dtype, "bool"):
+        msg = f"where must be a boolean array, got dtype {where.dtype}"
+        raise TypeError(msg)
+    w_shape, x_shape = tuple(where.shape), tuple(x.shape)
+    if not _broadcasts_to(w_shape, x_shape):
+        msg = f"where of shape {w_shape} does not broadcast to x of shape {x_shape}"
+        raise ValueError(msg)
+    if _same_shape(w_shape, x_shape):
+        return where  # nothing to broadcast (Dask cannot broadcast to unknown sizes)
+    return xp.broadcast_to(where, x.shape)
+
+
+def _check_out(xp: Any, out: Any, shape: tuple[Any, ...], dtype: Any, ref: Array) -> None:
+    if out is None:
+        return
+    if not _compat.is_array_api_obj(out) or _compat.array_namespace(out) is not xp:
+        msg = (
+            f"out must be an array of the same kind as the input "
+            f"({type(ref).__module__}.{type(ref).__qualname__}), got {type(out).__name__}"
+        )
+        raise TypeError(msg)
+    if _compat.is_numpy_array(out) and not out.flags.writeable:
+        msg = "out is a read-only NumPy array; pass a writeable one"
+        raise TypeError(msg)
+    if not _compat.is_writeable_array(out):
+        msg = (
+            f"out= needs a writeable array; {type(out).__module__}.{type(out).__qualname__} "
+            "arrays are immutable or lazy, use the returned array instead"
+        )
+        raise TypeError(msg)
+    if tuple(out.shape) != tuple(shape):
+        msg = f"out has shape {tuple(out.shape)}, expected {tuple(shape)}"
+        raise ValueError(msg)
+    if out.dtype != dtype:
+        msg = f"out has dtype {out.dtype}, expected {dtype}"
+        raise ValueError(msg)
+
+
+def validate(arrays: tuple[tuple[Any, str], ...], axis: Axis, where: Any, out: Any):
+    """Check the arguments: returns (xp, arrays cast to the result dtype, axes, mask, dtype).
+
+    ``arrays`` pairs each array argument with its name (for the messages); all must come from
+    one library and have one shape.
+    """
+    (x, x_name), *rest = arrays
+    xp, x = namespace(x, x_name)
+    items = [x]
+    for b, b_name in rest:
+        b = same_namespace(xp, x, x_name, b, b_name)
+        if not _same_shape(tuple(b.shape), tuple(x.shape)):
+            msg = (
+                f"{x_name} and {b_name} must have the same shape, got "
+                f"{tuple(x.shape)} and {tuple(b.shape)}"
+            )
+            raise ValueError(msg)
+        items.append(b)
+    dtypes = [float_dtype(xp, a, n) for a, (_, n) in zip(items, arrays, strict=True)]
+    dtype = dtypes[0] if len(dtypes) == 1 else xp.result_type(*dtypes)
+    items = [a if a.dtype == dtype else xp.astype(a, dtype) for a in items]
+    axes = normalize_axes(axis, x.ndim)
+    m = mask(xp, x, where)
+    _check_out(xp, out, tuple(x.shape), dtype, x)
+    return xp, tuple(items), axes, m, dtype
+
+
+def make_call(
+    op: Op, arrays: tuple[tuple[Any, str], ...], axis: Axis, where: Any, out: Any
+) -> Call:
+    """Validate a softmax-family call once: the :class:`Call` that the backends run."""
+    xp, items, axes, m, dtype = validate(arrays, axis, where, out)
+    empty = is_empty(tuple(items[0].shape))
+    return Call(op, xp, items, axes, m, out, dtype, _config.get_kernels(), empty)

@@ -1,0 +1,241 @@
+"""The softmax family: forward, backward (VJP) and JVP of softmax and log-softmax.
+
+Each function validates its arguments once (:func:`xpsoftmax._call.make_call`) and hands the call
+to the backend registry (:func:`xpsoftmax.backends.run`), which picks the NumPy, Dask, CuPy,
+torch-CUDA or generic backend and fills ``out``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .. import backends
+from .._call import (
+    LOG_SOFTMAX,
+    LOG_SOFTMAX_JVP,
+    LOG_SOFTMAX_VJP,
+    SOFTMAX,
+    SOFTMAX_JVP,
+    SOFTMAX_VJP,
+    Axis,
+    make_call,
+)
+from ._docs import doc
+
+Array = Any
+
+__all__ = [
+    "log_softmax",
+    "log_softmax_backward",
+    "log_softmax_jvp",
+    "softmax",
+    "softmax_backward",
+    "softmax_jvp",
+]
+
+
+@doc()
+def softmax(x: Array, /, axis: Axis = -1, *, where: Array | None = None, out: Array | None = None):
+    r"""Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``.
+
+    Parameters
+    ----------
+    x : array
+        Logits, from any array-API library (NumPy, CuPy, PyTorch, JAX, Dask,
+        array-api-strict); lists are converted with NumPy. Integer and boolean inputs promote to
+        the namespace's default floating dtype; complex input raises ``TypeError``.
+    axis : int or tuple of ints or None, optional
+        Axis or axes along which softmax normalizes (default ``-1``); negative values count from
+        the end, ``None`` means all axes, as in :func:`scipy.special.softmax`. An axis out of range
+        raises :class:`numpy.exceptions.AxisError` (a ``ValueError``).
+    where : array of bool, optional
+        Broadcastable to ``x``. Entries where it is False are left out of the normalization and
+        come out as exactly 0; a fully masked row is all 0, never NaN (``jax.nn.softmax``
+        semantics).
+    out : array, optional
+        A writeable array (NumPy, CuPy, torch, array-api-strict) of ``x``'s shape and the result
+        dtype to write into; it is returned. JAX and Dask arrays raise ``TypeError``.
+
+    Returns
+    -------
+    array
+        Same namespace, device and shape as ``x``; float16 is accumulated in float32 and
+        returned as float16.
+
+    Notes
+    -----
+    The row maximum is subtracted first, so large logits do not overflow. ``-inf`` entries give
+    exactly 0. A NaN poisons only its own row. A row that contains ``+inf`` gives the limit: its
+    mass is split evenly over the ``+inf`` entries. A row of all ``-inf`` (without ``where``)
+    is NaN, as in torch and scipy. Empty arrays and size-0 axes give empty results.
+
+    $examples
+    >>> xpsoftmax.softmax(np.array([0.0, np.log(3.0)]))
+    array([0.25, 0.75])
+    """
+    return backends.run(make_call(SOFTMAX, ((x, "x"),), axis, where, out))
+
+
+@doc()
+def log_softmax(
+    x: Array, /, axis: Axis = -1, *, where: Array | None = None, out: Array | None = None
+):
+    r"""Log-softmax along ``axis``: ``x - max - log(sum(exp(x - max)))``.
+
+    Computed directly, not as ``log(softmax(x))``, so it stays finite where softmax underflows.
+
+    Parameters
+    ----------
+    x : array
+        Logits; see :func:`softmax` for the accepted types and dtype rules.
+    axis : int or tuple of ints or None, optional
+        As in :func:`softmax`.
+    where : array of bool, optional
+        Broadcastable to ``x``; masked entries come out as ``-inf`` and a fully masked row is all
+        ``-inf``, never NaN.
+    $out
+
+    Returns
+    -------
+    array
+        Same namespace, device, shape and dtype rules as :func:`softmax`. ``-inf`` inputs give
+        ``-inf``; a row containing ``+inf`` gives ``-log(k)`` at its ``k`` ``+inf`` entries and
+        ``-inf`` elsewhere.
+
+    $examples
+    >>> xpsoftmax.log_softmax(np.array([0.0, 0.0]))
+    array([-0.69314718, -0.69314718])
+    """
+    return backends.run(make_call(LOG_SOFTMAX, ((x, "x"),), axis, where, out))
+
+
+@doc()
+def softmax_backward(
+    y: Array,
+    dy: Array,
+    /,
+    axis: Axis = -1,
+    *,
+    where: Array | None = None,
+    out: Array | None = None,
+):
+    r"""Vector-Jacobian product of softmax, from its output: ``dx = y * (dy - sum(y * dy))``.
+
+    This is how softmax passes a gradient back for *any* loss: ``dy`` is d(loss)/d(y), the
+    result is d(loss)/d(x), and no Jacobian is formed.
+
+    Parameters
+    ----------
+    y : array
+        The forward output ``softmax(x, axis, where=where)``.
+    dy : array
+        The upstream gradient, same namespace and shape as ``y``.
+    $axis_forward
+    where : array of bool, optional
+        The forward pass's mask; masked entries get exactly 0 gradient and are left out of the
+        sum, so a fully masked row gives 0 (finite even where ``dy`` is not).
+    $out
+
+    Returns
+    -------
+    array
+        ``dx`` in the namespace, device and shape of ``y``, dtype ``result_type(y, dy)``.
+
+    Raises
+    ------
+    TypeError
+        If ``y`` and ``dy`` come from different array libraries.
+    ValueError
+        If their shapes differ.
+
+    $examples
+    >>> y = xpsoftmax.softmax(np.array([1.0, 2.0, 3.0]))
+    >>> dx = xpsoftmax.softmax_backward(y, np.array([1.0, 0.0, 0.0]))
+    >>> bool(abs(dx.sum()) < 1e-15)
+    True
+    """
+    return backends.run(make_call(SOFTMAX_VJP, ((y, "y"), (dy, "dy")), axis, where, out))
+
+
+@doc()
+def log_softmax_backward(
+    ly: Array,
+    dy: Array,
+    /,
+    axis: Axis = -1,
+    *,
+    where: Array | None = None,
+    out: Array | None = None,
+):
+    r"""Vector-Jacobian product of log-softmax, from its output: ``dx = dy - exp(ly) * sum(dy)``.
+
+    Parameters
+    ----------
+    ly : array
+        The forward output ``log_softmax(x, axis, where=where)``.
+    dy : array
+        The upstream gradient, same namespace and shape as ``ly``.
+    $axis_forward
+    where : array of bool, optional
+        The forward pass's mask; masked entries get exactly 0 gradient and are left out of the sum.
+    $out
+
+    Returns
+    -------
+    array
+        ``dx`` in the namespace, device and shape of ``ly``.
+
+    $examples
+    >>> ly = xpsoftmax.log_softmax(np.array([0.0, 0.0]))
+    >>> xpsoftmax.log_softmax_backward(ly, np.array([1.0, 0.0]))
+    array([ 0.5, -0.5])
+    """
+    return backends.run(make_call(LOG_SOFTMAX_VJP, ((ly, "ly"), (dy, "dy")), axis, where, out))
+
+
+@doc()
+def softmax_jvp(y: Array, dx: Array, /, axis: Axis = -1, *, where: Array | None = None):
+    r"""Jacobian-vector product of softmax: the tangent of ``y`` for a tangent ``dx`` of ``x``.
+
+    ``dy = y * (dx - sum(y * dx))``; the softmax Jacobian is symmetric, so this is the VJP formula.
+
+    Parameters
+    ----------
+    y : array
+        The forward output ``softmax(x, axis, where=where)``.
+    dx : array
+        The input tangent, same namespace and shape as ``y``.
+    $axis_forward
+    $tangent_where
+
+    $tangent_returns
+
+    $examples
+    >>> y = xpsoftmax.softmax(np.zeros(4))
+    >>> xpsoftmax.softmax_jvp(y, np.ones(4))  # shifting every logit changes nothing
+    array([0., 0., 0., 0.])
+    """
+    return backends.run(make_call(SOFTMAX_JVP, ((y, "y"), (dx, "dx")), axis, where, None))
+
+
+@doc()
+def log_softmax_jvp(ly: Array, dx: Array, /, axis: Axis = -1, *, where: Array | None = None):
+    r"""Jacobian-vector product of log-softmax: ``dly = dx - sum(exp(ly) * dx)``.
+
+    Parameters
+    ----------
+    ly : array
+        The forward output ``log_softmax(x, axis, where=where)``.
+    dx : array
+        The input tangent, same namespace and shape as ``ly``.
+    $axis_forward
+    $tangent_where
+
+    $tangent_returns
+
+    $examples
+    >>> ly = xpsoftmax.log_softmax(np.zeros(2))
+    >>> xpsoftmax.log_softmax_jvp(ly, np.array([1.0, 0.0]))
+    array([ 0.5, -0.5])
+    """
+    return backends.run(make_call(LOG_SOFTMAX_JVP, ((ly, "ly"), (dx, "dx")), axis, where, None))
