@@ -272,11 +272,12 @@ def _cpu_model() -> str:
 
 def machine_info() -> dict:
     import xpsoftmax
-    from xpsoftmax import _numpy
+    from xpsoftmax._config import available_cpus
+    from xpsoftmax.backends.numpy import blocked as _numpy
 
     torch = _torch()
     special = _scipy_special()
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    cpus = available_cpus()
     return {
         "cpu": _cpu_model(),
         "cpus_usable": cpus,

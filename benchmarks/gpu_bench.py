@@ -202,12 +202,12 @@ def _impls(case: Case, xps: Any, torch: Any):
 def _tier(c: Case, device: int) -> str | None:
     """The kernel tier xpsoftmax picks for ``c`` (from its private planner), or None."""
     try:
-        from xpsoftmax import _cupy, _kernels
+        from xpsoftmax.backends.cuda import loader, plan
 
         if c.axis % len(c.shape) != len(c.shape) - 1:
             return "strided"
-        smem = _kernels.max_dynamic_smem(device)
-        return _cupy.choose_tier(c.shape[-1], c.dtype, c.n_inputs, False, smem).name
+        smem = loader.max_dynamic_smem(device)
+        return plan.choose_tier(c.shape[-1], c.dtype, c.n_inputs, False, smem).name
     except Exception:  # a planner that changed shape: the goals fall back to N >= SPLIT_ROW_N
         return None
 

@@ -5,7 +5,7 @@ backward) through
 
 * ``default``: what xpsoftmax picks;
 * ``masked``: the kernels that unmasked rows used before the ``*_plain`` kernels existed (the
-  masked kernels with no mask; ``xpsoftmax._cupy._PLAIN = False``);
+  masked kernels with no mask; ``xpsoftmax._config.gpu_tuning(plain=False)``);
 * ``block`` / ``split``: each other tier forced where it can take the row;
 
 next to torch's native op on the same memory, with the benchmark's timing (CUDA events around
@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import time_ms  # noqa: E402
 
 import xpsoftmax  # noqa: E402
-from xpsoftmax import _cupy  # noqa: E402
+from xpsoftmax._config import gpu_tuning  # noqa: E402
+from xpsoftmax.backends.cuda import plan as _cupy  # noqa: E402
 
 NS = (32, 128, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 262144)
 OPS = ("softmax", "log_softmax", "softmax_backward", "log_softmax_backward")
@@ -121,24 +122,26 @@ def main(argv: list[str] | None = None) -> int:
                     tsets = [tuple(torch.from_dlpack(a) for a in s) for s in sets[op]]
                     torch_ms[op] = time_ms(cp, tops[op], tsets, args.warmup, args.repeats)
             for label, forced, plain in _variants(n, dtype):
-                _cupy._FORCE_TIER, _cupy._PLAIN = forced, plain
                 try:
-                    row = {"dtype": dtype, "n": n, "rows": b, "variant": label}
-                    row["tier_fwd"] = _cupy.choose_tier(n, dtype, 1, not plain, SMEM, forced).name
-                    row["tier_bwd"] = _cupy.choose_tier(n, dtype, 2, not plain, SMEM, forced).name
-                    for op in OPS:
-                        s0 = sets[op][0]
-                        row[f"err_{op}"] = _rel_err(fns[op](*(a[:k] for a in s0)), refs[op])
-                        ms = time_ms(cp, fns[op], sets[op], args.warmup, args.repeats)
-                        nbytes = (len(s0) + 1) * b * n * item
-                        row[f"ms_{op}"] = ms
-                        row[f"gbps_{op}"] = nbytes / ms / 1e6
-                        row[f"torch_ms_{op}"] = torch_ms.get(op)
+                    with gpu_tuning(tier=forced, plain=plain):
+                        row = {"dtype": dtype, "n": n, "rows": b, "variant": label}
+                        row["tier_fwd"] = _cupy.choose_tier(
+                            n, dtype, 1, not plain, SMEM, forced
+                        ).name
+                        row["tier_bwd"] = _cupy.choose_tier(
+                            n, dtype, 2, not plain, SMEM, forced
+                        ).name
+                        for op in OPS:
+                            s0 = sets[op][0]
+                            row[f"err_{op}"] = _rel_err(fns[op](*(a[:k] for a in s0)), refs[op])
+                            ms = time_ms(cp, fns[op], sets[op], args.warmup, args.repeats)
+                            nbytes = (len(s0) + 1) * b * n * item
+                            row[f"ms_{op}"] = ms
+                            row[f"gbps_{op}"] = nbytes / ms / 1e6
+                            row[f"torch_ms_{op}"] = torch_ms.get(op)
                 except Exception as exc:  # report and go on: this is a sweep
                     print(f"{dtype} N={n} {label}: {type(exc).__name__}: {exc}", flush=True)
                     continue
-                finally:
-                    _cupy._FORCE_TIER, _cupy._PLAIN = None, True
                 rows_out.append(row)
                 cells = "  ".join(
                     f"{op.replace('softmax', 'sm')} {row[f'ms_{op}']:.4f}"

@@ -799,3 +799,111 @@ def test_torch_expanded_gradient():
     xr = x.detach().clone().requires_grad_(True)
     torch.log_softmax(xr, dim=-1).sum().backward()
     _t_assert(x.grad, xr.grad, x, "gradient of a sum")
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy on torch CUDA tensors and on a second device (the fused kernels, through the
+# same registry as softmax), against torch.nn.functional.cross_entropy and its autograd
+
+
+@pytest.fixture
+def xent_kernels(monkeypatch):
+    """Names of the cross-entropy kernels fetched through the loader during the test."""
+    from xpsoftmax.backends.cuda import loader
+
+    calls: list[str] = []
+    original = loader.get_function
+
+    def spy(filename, name):
+        if filename == "cross_entropy.cu":
+            calls.append(name)
+        return original(filename, name)
+
+    monkeypatch.setattr(loader, "get_function", spy)
+    return calls
+
+
+def _xent_case(torch, dtype: str, device: str, seed: int):
+    x = _t_randn((64, 1000), dtype, seed, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed + 1)
+    t = torch.randint(0, 1000, (64,), generator=gen, device=device)
+    t[::7] = -100
+    return x, t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_torch_cross_entropy_fused_with_autograd(dtype, reduction, xent_kernels):
+    torch = _torch()
+    F = torch.nn.functional
+    x, t = _xent_case(torch, dtype, "cuda", _seed("xe", dtype, reduction))
+    kw = {"reduction": reduction, "ignore_index": -100, "label_smoothing": 0.1}
+    x.requires_grad_(True)
+    with xpsoftmax.kernels("always"):
+        loss = xpsoftmax.cross_entropy(x, t, **kw)
+    xr = x.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy(xr, t, **kw)
+    _t_assert(loss, ref, x, f"cross_entropy {reduction}")
+    g = _t_randn(ref.shape, dtype, 3) if reduction == "none" else torch.tensor(0.7, device="cuda")
+    loss.backward(g.to(loss.dtype))
+    ref.backward(g.to(ref.dtype))
+    _t_assert(x.grad, xr.grad, x, f"autograd {reduction}")
+    with xpsoftmax.kernels("always"):
+        dx = xpsoftmax.cross_entropy_backward(x.detach(), t, dloss=g.to(x.dtype), **kw)
+    _t_assert(dx, xr.grad, x, f"cross_entropy_backward {reduction}")
+    ctype = {"float32": "float", "float64": "double"}[dtype]
+    assert xent_kernels.count(f"xps_xent_fwd<{ctype}>") == 1
+    assert xent_kernels.count(f"xps_xent_bwd<{ctype}>") == 2
+
+
+def test_torch_cross_entropy_generic_forms_keep_autograd(xent_kernels):
+    """Probability targets and another class axis are not the fused kernel's: the generic path
+    (torch operations, autograd included) runs, also under ``always``."""
+    torch = _torch()
+    F = torch.nn.functional
+    x, t = _xent_case(torch, "float32", "cuda", 11)
+    t = t.clamp(min=0)
+    probs = torch.softmax(_t_randn(x.shape, "float32", 12), dim=-1)
+    x.requires_grad_(True)
+    with xpsoftmax.kernels("always"):
+        loss = xpsoftmax.cross_entropy(x, probs) + xpsoftmax.cross_entropy(x.T, t, axis=0)
+    xr = x.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy(xr, probs) + F.cross_entropy(xr, t)
+    _t_assert(loss, ref, x, "generic forms")
+    loss.backward()
+    ref.backward()
+    _t_assert(x.grad, xr.grad, x, "generic forms, autograd")
+    assert xent_kernels == []
+
+
+def _second_device():
+    torch = _torch()
+    if cupy.cuda.runtime.getDeviceCount() < 2 or torch.cuda.device_count() < 2:
+        pytest.skip("needs a second CUDA device (this machine has one)")
+    return torch
+
+
+def test_cross_entropy_on_a_second_device(xent_kernels):
+    """CuPy arrays and torch tensors on device 1, called while device 0 is current: the kernels
+    run on device 1 and the results stay there."""
+    torch = _second_device()
+    F = torch.nn.functional
+    x, t = _xent_case(torch, "float32", "cuda:1", 21)
+    kw = {"ignore_index": -100}
+    ref = F.cross_entropy(x, t, **kw)
+    xr = x.clone().requires_grad_(True)
+    F.cross_entropy(xr, t, **kw).backward()
+    with cupy.cuda.Device(0), torch.cuda.device(0), xpsoftmax.kernels("always"):
+        loss_t = xpsoftmax.cross_entropy(x, t, **kw)
+        dx_t = xpsoftmax.cross_entropy_backward(x, t, **kw)
+        with cupy.cuda.Device(1):
+            xc, tc = cupy.asarray(x.cpu().numpy()), cupy.asarray(t.cpu().numpy())
+        loss_c = xpsoftmax.cross_entropy(xc, tc, **kw)
+        dx_c = xpsoftmax.cross_entropy_backward(xc, tc, **kw)
+    _t_assert(loss_t, ref, x, "torch loss on cuda:1")
+    _t_assert(dx_t, xr.grad, x, "torch gradient on cuda:1")
+    assert loss_c.device.id == 1 and dx_c.device.id == 1
+    assert abs(float(loss_c) - float(ref)) <= 1e-6 * abs(float(ref))
+    np_grad = xr.grad.cpu().numpy()
+    assert float(abs(cupy.asnumpy(dx_c) - np_grad).max()) <= 1e-6 * float(abs(np_grad).max())
+    assert len(xent_kernels) == 4

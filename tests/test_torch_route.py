@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import types
 
 import array_api_compat
@@ -23,7 +24,7 @@ import pytest
 from _helpers import backend_of, xp_assert_close
 
 import xpsoftmax
-from xpsoftmax import _call, _compat, backends
+from xpsoftmax import _call, _compat, _config, backends
 from xpsoftmax.backends import generic
 
 torch = pytest.importorskip("torch", reason="torch is a test dependency")
@@ -135,6 +136,45 @@ def test_kernels_context_restores_after_error():
         with xpsoftmax.kernels("never"):
             1 / 0  # noqa: B018
     assert xpsoftmax.get_kernels() == before
+
+
+def test_kernel_mode_is_per_thread():
+    """``set_kernels`` and ``kernels`` hold for the calling thread only; a new thread starts from
+    the environment's default (as NumPy's errstate and the decimal context)."""
+    seen: dict[str, str] = {}
+
+    def worker() -> None:
+        seen["mode"] = xpsoftmax.get_kernels()
+
+    default = _config._DEFAULT_MODE
+    other = "never" if default != "never" else "always"
+    with xpsoftmax.kernels(other):
+        thread = threading.Thread(target=worker)
+        thread.start()
+        thread.join()
+        assert xpsoftmax.get_kernels() == other
+    assert seen["mode"] == default
+
+
+def test_dask_graph_keeps_the_mode_it_was_built_with(monkeypatch):
+    da = pytest.importorskip("dask.array")
+    import numpy as np
+
+    modes: list[str] = []
+    real = backends.run
+
+    def spy(call):
+        modes.append(call.mode)
+        return real(call)
+
+    x = da.from_array(np.zeros((4, 6)), chunks=(2, 6))
+    with xpsoftmax.kernels("never"):
+        y = xpsoftmax.softmax(x)
+    monkeypatch.setattr(backends, "run", spy)
+    with xpsoftmax.kernels("always"):
+        r = y.compute(scheduler="threads")
+    np.testing.assert_allclose(r, np.full((4, 6), 1 / 6))
+    assert modes == ["never", "never"]
 
 
 _ENV_SCRIPT = """
@@ -439,3 +479,78 @@ def test_always_without_cupy_raises(monkeypatch):
             xpsoftmax.softmax(x)
     with xpsoftmax.kernels("auto"):
         xp_assert_close(xpsoftmax.softmax(x), torch.softmax(x, dim=-1))
+
+
+# --------------------------------------------------------------------------------------------
+# cross-entropy on the route: the fused-kernel launch replaced by a stand-in
+
+
+class _XentLauncher:
+    """Stands in for the DLPack + cross-entropy kernel launch: the generic path on CPU tensors."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def __call__(self, p, dloss):
+        self.calls.append(p.op.kind)
+        assert not torch.is_grad_enabled() or not p.x_in.requires_grad, "launch inside autograd"
+        return generic.run(p.derive(x_in=p.x_in.detach(), dloss=dloss, mode="never"))
+
+
+@pytest.fixture
+def xent_routed(monkeypatch, routed) -> _XentLauncher:
+    stand_in = _XentLauncher()
+    monkeypatch.setattr(_torch_cuda, "_xent_launch", stand_in)
+    return stand_in
+
+
+def _xent_inputs():
+    x = _randn((6, 5), 30)
+    t = torch.tensor([0, 4, -100, 2, 1, 3])
+    return x, t
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cross_entropy_takes_the_route_with_autograd(xent_routed, reduction):
+    F = torch.nn.functional
+    x, t = _xent_inputs()
+    kw = {"reduction": reduction, "ignore_index": -100, "label_smoothing": 0.2}
+    x.requires_grad_(True)
+    loss = xpsoftmax.cross_entropy(x, t, **kw)
+    assert xent_routed.calls == ["xent"]
+    xr = x.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy(xr, t, **kw)
+    xp_assert_close(loss.detach(), ref.detach())
+    g = _randn(ref.shape, 31)
+    loss.backward(g)
+    ref.backward(g)
+    assert xent_routed.calls == ["xent", "xent_vjp"]
+    xp_assert_close(x.grad, xr.grad)
+    dx = xpsoftmax.cross_entropy_backward(x.detach(), t, dloss=g, **kw)
+    assert xent_routed.calls == ["xent", "xent_vjp", "xent_vjp"]
+    xp_assert_close(dx, xr.grad)
+
+
+def test_cross_entropy_route_leaves_the_generic_forms(xent_routed):
+    """Probability targets, a mask, another class axis and mode "never" stay generic."""
+    F = torch.nn.functional
+    x, t = _xent_inputs()
+    t = t.clamp(min=0)
+    probs = torch.softmax(_randn(x.shape, 32), dim=-1)
+    xp_assert_close(xpsoftmax.cross_entropy(x, probs), F.cross_entropy(x, probs))
+    xp_assert_close(xpsoftmax.cross_entropy(x.T, t, axis=0), F.cross_entropy(x, t))
+    mask = torch.ones(x.shape, dtype=torch.bool)
+    xp_assert_close(xpsoftmax.cross_entropy(x, t, where=mask), F.cross_entropy(x, t))
+    with xpsoftmax.kernels("never"):
+        xp_assert_close(xpsoftmax.cross_entropy(x, t), F.cross_entropy(x, t))
+    assert xent_routed.calls == []
+
+
+def test_cross_entropy_route_always_rules(xent_routed, monkeypatch):
+    x, t = _xent_inputs()
+    with xpsoftmax.kernels("always"), pytest.raises(TypeError, match=r"bfloat16"):
+        xpsoftmax.cross_entropy(x.to(torch.bfloat16), t, ignore_index=-100)
+    monkeypatch.setattr(_torch_cuda, "_cupy_importable", lambda: False)
+    with xpsoftmax.kernels("always"), pytest.raises(RuntimeError, match=r"CuPy is not installed"):
+        xpsoftmax.cross_entropy(x, t, ignore_index=-100)
+    assert xent_routed.calls == []

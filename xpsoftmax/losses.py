@@ -166,10 +166,13 @@ class _LogLikelihood(_Loss):
             f"ignore_index={self.ignore_index!r})"
         )
 
-    def _loss(self, pred: Array, target: Array, log: bool) -> Array:
+    _log_input = True  # NLL takes log-probabilities, CrossEntropy probabilities
+
+    def forward(self, pred: Array, target: Array, /) -> Array:
+        """The negative log-likelihood of ``target`` under (log-)probabilities ``pred``."""
         p = prepare(pred, "pred", target, self.axis, self.ignore_index, None)
         with np.errstate(all="ignore"):
-            ly = p.x if log else _safe_log(p.xp, p.x)
+            ly = p.x if self._log_input else _safe_log(p.xp, p.x)
             loss = xent.reduce(p, xent.sample_losses(p, ly, 0.0), self.reduction)
         self._state = (p,)
         return loss
@@ -221,10 +224,6 @@ class NLL(_LogLikelihood):
            [ 0. , -0.5]])
     """
 
-    def forward(self, pred: Array, target: Array, /) -> Array:
-        """The negative log-likelihood of ``target`` under log-probabilities ``pred``."""
-        return self._loss(pred, target, log=True)
-
     def backward(self, dloss: Array | float | None = None) -> Array:
         """d(loss)/d(pred) for the last :meth:`forward`, times the upstream ``dloss``."""
         p, g = self._logp_gradient(dloss)
@@ -265,9 +264,7 @@ class CrossEntropy(_LogLikelihood):
            [ 0.  , -1.25]])
     """
 
-    def forward(self, pred: Array, target: Array, /) -> Array:
-        """The cross-entropy of ``target`` under probabilities ``pred``."""
-        return self._loss(pred, target, log=False)
+    _log_input = False
 
     def backward(self, dloss: Array | float | None = None) -> Array:
         """d(loss)/d(pred) for the last :meth:`forward`, times the upstream ``dloss``."""

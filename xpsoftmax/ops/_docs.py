@@ -14,26 +14,41 @@ from typing import Any, TypeVar
 F = TypeVar("F", bound=Callable[..., Any])
 
 PIECES = {
-    "axis_forward": """\
-axis : int or tuple of ints or None, optional
-        The axis the forward pass normalized over.""",
     "out": """\
 out : array, optional
         As in :func:`softmax`.""",
-    "tangent_where": """\
-where : array of bool, optional
-        The forward pass's mask; masked entries get exactly 0.""",
-    "tangent_returns": """\
-Returns
-    -------
-    array
-        The output tangent, in the namespace, device and shape of the forward output.""",
     "examples": """\
 Examples
     --------
     >>> import numpy as np
     >>> import xpsoftmax""",
 }
+
+
+def pair_inputs(first: str, forward: str, second: str, what: str) -> str:
+    """The Parameters entries of a VJP or JVP: the forward output, the (co)tangent, the axis."""
+    return f"""\
+{first} : array
+        The forward output ``{forward}(x, axis, where=where)``.
+    {second} : array
+        {what}, same namespace and shape as ``{first}``.
+    axis : int or tuple of ints or None, optional
+        The axis the forward pass normalized over."""
+
+
+def jvp_sections(first: str, forward: str) -> str:
+    """The Parameters and Returns sections of a JVP."""
+    return f"""\
+Parameters
+    ----------
+    {pair_inputs(first, forward, "dx", "The input tangent")}
+    where : array of bool, optional
+        The forward pass's mask; masked entries get exactly 0.
+
+    Returns
+    -------
+    array
+        The output tangent, in the namespace, device and shape of ``{first}``."""
 
 
 def doc(**extra: str) -> Callable[[F], F]:

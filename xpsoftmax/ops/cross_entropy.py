@@ -263,17 +263,12 @@ def _start(op, logits, targets, axis, reduction, label_smoothing, ignore_index, 
     )
 
 
+# fmt: off
 def cross_entropy(
-    logits: Array,
-    targets: Array,
-    /,
-    axis: int = -1,
-    *,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    ignore_index: int | None = None,
-    where: Array | None = None,
+    logits: Array, targets: Array, /, axis: int = -1, *, reduction: str = "mean",
+    label_smoothing: float = 0.0, ignore_index: int | None = None, where: Array | None = None,
 ) -> Array:
+    # fmt: on
     r"""Cross-entropy between ``softmax(logits)`` and targets, computed from the logits.
 
     Matches :func:`torch.nn.functional.cross_entropy` (values and gradients, see
@@ -354,18 +349,13 @@ def cross_entropy(
     return backends.run(p)
 
 
+# fmt: off
 def cross_entropy_backward(
-    logits: Array,
-    targets: Array,
-    /,
-    axis: int = -1,
-    *,
-    reduction: str = "mean",
-    label_smoothing: float = 0.0,
-    ignore_index: int | None = None,
-    where: Array | None = None,
+    logits: Array, targets: Array, /, axis: int = -1, *, reduction: str = "mean",
+    label_smoothing: float = 0.0, ignore_index: int | None = None, where: Array | None = None,
     dloss: Array | float | None = None,
 ) -> Array:
+    # fmt: on
     r"""Gradient of :func:`cross_entropy` with respect to the logits.
 
     With the same arguments as :func:`cross_entropy` it returns

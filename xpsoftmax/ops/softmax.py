@@ -20,9 +20,11 @@ from .._call import (
     Axis,
     make_call,
 )
-from ._docs import doc
+from ._docs import doc, jvp_sections, pair_inputs
 
 Array = Any
+Mask = Array | None  # a boolean array, broadcastable to the input
+Out = Array | None  # a writeable array of the result's shape and dtype
 
 __all__ = [
     "log_softmax",
@@ -35,7 +37,7 @@ __all__ = [
 
 
 @doc()
-def softmax(x: Array, /, axis: Axis = -1, *, where: Array | None = None, out: Array | None = None):
+def softmax(x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None):
     r"""Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``.
 
     Parameters
@@ -77,9 +79,7 @@ def softmax(x: Array, /, axis: Axis = -1, *, where: Array | None = None, out: Ar
 
 
 @doc()
-def log_softmax(
-    x: Array, /, axis: Axis = -1, *, where: Array | None = None, out: Array | None = None
-):
+def log_softmax(x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None):
     r"""Log-softmax along ``axis``: ``x - max - log(sum(exp(x - max)))``.
 
     Computed directly, not as ``log(softmax(x))``, so it stays finite where softmax underflows.
@@ -109,15 +109,9 @@ def log_softmax(
     return backends.run(make_call(LOG_SOFTMAX, ((x, "x"),), axis, where, out))
 
 
-@doc()
+@doc(inputs=pair_inputs("y", "softmax", "dy", "The upstream gradient"))
 def softmax_backward(
-    y: Array,
-    dy: Array,
-    /,
-    axis: Axis = -1,
-    *,
-    where: Array | None = None,
-    out: Array | None = None,
+    y: Array, dy: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None
 ):
     r"""Vector-Jacobian product of softmax, from its output: ``dx = y * (dy - sum(y * dy))``.
 
@@ -126,11 +120,7 @@ def softmax_backward(
 
     Parameters
     ----------
-    y : array
-        The forward output ``softmax(x, axis, where=where)``.
-    dy : array
-        The upstream gradient, same namespace and shape as ``y``.
-    $axis_forward
+    $inputs
     where : array of bool, optional
         The forward pass's mask; masked entries get exactly 0 gradient and are left out of the
         sum, so a fully masked row gives 0 (finite even where ``dy`` is not).
@@ -157,25 +147,15 @@ def softmax_backward(
     return backends.run(make_call(SOFTMAX_VJP, ((y, "y"), (dy, "dy")), axis, where, out))
 
 
-@doc()
+@doc(inputs=pair_inputs("ly", "log_softmax", "dy", "The upstream gradient"))
 def log_softmax_backward(
-    ly: Array,
-    dy: Array,
-    /,
-    axis: Axis = -1,
-    *,
-    where: Array | None = None,
-    out: Array | None = None,
+    ly: Array, dy: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None
 ):
     r"""Vector-Jacobian product of log-softmax, from its output: ``dx = dy - exp(ly) * sum(dy)``.
 
     Parameters
     ----------
-    ly : array
-        The forward output ``log_softmax(x, axis, where=where)``.
-    dy : array
-        The upstream gradient, same namespace and shape as ``ly``.
-    $axis_forward
+    $inputs
     where : array of bool, optional
         The forward pass's mask; masked entries get exactly 0 gradient and are left out of the sum.
     $out
@@ -193,22 +173,13 @@ def log_softmax_backward(
     return backends.run(make_call(LOG_SOFTMAX_VJP, ((ly, "ly"), (dy, "dy")), axis, where, out))
 
 
-@doc()
-def softmax_jvp(y: Array, dx: Array, /, axis: Axis = -1, *, where: Array | None = None):
+@doc(sections=jvp_sections("y", "softmax"))
+def softmax_jvp(y: Array, dx: Array, /, axis: Axis = -1, *, where: Mask = None):
     r"""Jacobian-vector product of softmax: the tangent of ``y`` for a tangent ``dx`` of ``x``.
 
     ``dy = y * (dx - sum(y * dx))``; the softmax Jacobian is symmetric, so this is the VJP formula.
 
-    Parameters
-    ----------
-    y : array
-        The forward output ``softmax(x, axis, where=where)``.
-    dx : array
-        The input tangent, same namespace and shape as ``y``.
-    $axis_forward
-    $tangent_where
-
-    $tangent_returns
+    $sections
 
     $examples
     >>> y = xpsoftmax.softmax(np.zeros(4))
@@ -218,20 +189,11 @@ def softmax_jvp(y: Array, dx: Array, /, axis: Axis = -1, *, where: Array | None 
     return backends.run(make_call(SOFTMAX_JVP, ((y, "y"), (dx, "dx")), axis, where, None))
 
 
-@doc()
-def log_softmax_jvp(ly: Array, dx: Array, /, axis: Axis = -1, *, where: Array | None = None):
+@doc(sections=jvp_sections("ly", "log_softmax"))
+def log_softmax_jvp(ly: Array, dx: Array, /, axis: Axis = -1, *, where: Mask = None):
     r"""Jacobian-vector product of log-softmax: ``dly = dx - sum(exp(ly) * dx)``.
 
-    Parameters
-    ----------
-    ly : array
-        The forward output ``log_softmax(x, axis, where=where)``.
-    dx : array
-        The input tangent, same namespace and shape as ``ly``.
-    $axis_forward
-    $tangent_where
-
-    $tangent_returns
+    $sections
 
     $examples
     >>> ly = xpsoftmax.log_softmax(np.zeros(2))

@@ -8,7 +8,7 @@ the result is an ordinary tensor owned by torch's caching allocator.
 Autograd: when an input requires grad (and grad mode is on), the call goes through a
 ``torch.autograd.Function`` whose backward runs our kernels again:
 
-* softmax / log-softmax: backward is the VJP kernel (``_Backward``);
+* softmax / log-softmax: backward is the VJP kernel (``_Linear``);
 * the VJP ``B(y, g) = J(y)^T g`` and the JVP ``T(y, t) = J(y) t`` are linear in ``g`` and ``t``,
   so the gradient of one with respect to its second argument is the other;
 * their gradients with respect to ``y`` (needed for second derivatives through ``x``, such as a
@@ -226,16 +226,21 @@ class _Forward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, h: Tensor):
         y, mask = ctx.saved_tensors
-        return _Backward.apply(y, h, mask, ctx.axes, ctx.log), None, None, None
+        return _Linear.apply(y, h, mask, ctx.axes, ctx.log, "vjp"), None, None, None
 
 
-class _Backward(torch.autograd.Function):
-    """The VJP ``B(y, g)``; its gradient in ``g`` is the JVP, in ``y`` see :func:`_vjp_grad_y`."""
+class _Linear(torch.autograd.Function):
+    """The VJP ``B(y, g)`` (``kind="vjp"``) or the JVP ``T(y, t)`` (``kind="jvp"``).
+
+    Both are linear in their second argument, so its gradient is the other one (the JVP of the
+    VJP, the VJP of the JVP); the gradients in ``y`` are :func:`_vjp_grad_y` and
+    :func:`_jvp_grad_y`.
+    """
 
     @staticmethod
-    def forward(ctx, y: Tensor, g: Tensor, mask: Tensor | None, axes: Axes, log: bool) -> Tensor:
-        r = _launch(LOG_SOFTMAX_VJP if log else SOFTMAX_VJP, (y, g), axes, mask, None)
-        ctx.axes, ctx.log = axes, log
+    def forward(ctx, y: Tensor, g: Tensor, mask: Tensor | None, axes: Axes, log: bool, kind: str):
+        r = _launch(_LINEAR_OPS[kind, log], (y, g), axes, mask, None)
+        ctx.axes, ctx.log, ctx.kind = axes, log, kind
         ctx.save_for_backward(y, g, mask)
         return r
 
@@ -244,31 +249,20 @@ class _Backward(torch.autograd.Function):
         y, g, mask = ctx.saved_tensors
         gy = gg = None
         if ctx.needs_input_grad[1]:
-            gg = _Jvp.apply(y, h, mask, ctx.axes, ctx.log)
+            other = "jvp" if ctx.kind == "vjp" else "vjp"
+            gg = _Linear.apply(y, h, mask, ctx.axes, ctx.log, other)
         if ctx.needs_input_grad[0]:
-            gy = _vjp_grad_y(y, g, h, ctx.axes, mask, ctx.log)
-        return gy, gg, None, None, None
+            grad_y = _vjp_grad_y if ctx.kind == "vjp" else _jvp_grad_y
+            gy = grad_y(y, g, h, ctx.axes, mask, ctx.log)
+        return gy, gg, None, None, None, None
 
 
-class _Jvp(torch.autograd.Function):
-    """The JVP ``T(y, t)``; its gradient in ``t`` is the VJP, in ``y`` see :func:`_jvp_grad_y`."""
-
-    @staticmethod
-    def forward(ctx, y: Tensor, t: Tensor, mask: Tensor | None, axes: Axes, log: bool) -> Tensor:
-        r = _launch(LOG_SOFTMAX_JVP if log else SOFTMAX_JVP, (y, t), axes, mask, None)
-        ctx.axes, ctx.log = axes, log
-        ctx.save_for_backward(y, t, mask)
-        return r
-
-    @staticmethod
-    def backward(ctx, h: Tensor):
-        y, t, mask = ctx.saved_tensors
-        gy = gt = None
-        if ctx.needs_input_grad[1]:
-            gt = _Backward.apply(y, h, mask, ctx.axes, ctx.log)
-        if ctx.needs_input_grad[0]:
-            gy = _jvp_grad_y(y, t, h, ctx.axes, mask, ctx.log)
-        return gy, gt, None, None, None
+_LINEAR_OPS = {
+    ("vjp", False): SOFTMAX_VJP,
+    ("vjp", True): LOG_SOFTMAX_VJP,
+    ("jvp", False): SOFTMAX_JVP,
+    ("jvp", True): LOG_SOFTMAX_JVP,
+}
 
 
 # --------------------------------------------------------------------------------------------
@@ -277,9 +271,6 @@ class _Jvp(torch.autograd.Function):
 
 def _needs_grad(*ts: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in ts)
-
-
-_FUNCTIONS = {"forward": _Forward, "vjp": _Backward, "jvp": _Jvp}
 
 
 def _rows(call: Call) -> Tensor:
@@ -291,8 +282,9 @@ def _rows(call: Call) -> Tensor:
                 "requires grad; drop out= or call inside torch.no_grad()"
             )
             raise RuntimeError(msg)
-        fn = _FUNCTIONS[call.op.kind]
-        return fn.apply(*call.arrays, call.mask, call.axes, call.op.log)
+        if call.op.kind == "forward":
+            return _Forward.apply(call.x, call.mask, call.axes, call.op.log)
+        return _Linear.apply(*call.arrays, call.mask, call.axes, call.op.log, call.op.kind)
     return _launch(call.op, call.arrays, call.axes, call.mask, call.out)
 
 
@@ -337,7 +329,7 @@ class _CrossEntropy(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, h: Tensor):
         call = ctx.call.derive(op=CROSS_ENTROPY_VJP)
-        return _xent_launch(call, h.to(call.ctype)), None
+        return _xent_launch(call, h.to(call.ctype).contiguous()), None
 
 
 def _xent(call: XentCall) -> Tensor:

@@ -24,5 +24,5 @@ def run(call: Call) -> Any:
     kind, log = call.op.kind, call.op.log
     if kind == "forward":
         return blocked.forward(call.x, call.axes, call.mask, log, call.out)
-    fn = blocked.backward if kind == "vjp" else blocked.jvp
-    return fn(*call.arrays, call.axes, call.mask, log, call.out)
+    product = "softmax" if not log else "log_vjp" if kind == "vjp" else "log_jvp"
+    return blocked.product(*call.arrays, call.axes, call.mask, product, call.out)

@@ -43,7 +43,7 @@ from ..._dtypes import TABLE, np_compute_dtype
 
 Array = Any
 
-__all__ = ["backward", "forward", "jvp", "takes"]
+__all__ = ["forward", "product", "takes"]
 
 _DTYPES = frozenset(np.dtype(name) for name in TABLE)
 
@@ -785,29 +785,11 @@ def _product(c: _Call, kind: str) -> Array:
     return c.finish()
 
 
-def backward(
-    y: Array,
-    g: Array,
-    axes: tuple[int, ...],
-    mask: Array | None,
-    log: bool,
-    out: Array | None,
+def product(
+    y: Array, g: Array, axes: tuple[int, ...], mask: Array | None, kind: str, out: Array | None
 ) -> Array:
-    """Vector-Jacobian product from the forward output ``y`` and the cotangent ``g``."""
+    """The VJP or JVP from the forward output ``y`` and ``g`` (cotangent or tangent); ``kind``
+    is one of the three products above: ``"softmax"``, ``"log_vjp"`` or ``"log_jvp"``."""
     c = _setup((y, g), axes, mask, out)
     with np.errstate(all="ignore"):
-        return _product(c, "log_vjp" if log else "softmax")
-
-
-def jvp(
-    y: Array,
-    t: Array,
-    axes: tuple[int, ...],
-    mask: Array | None,
-    log: bool,
-    out: Array | None,
-) -> Array:
-    """Jacobian-vector product from the forward output ``y`` and the input tangent ``t``."""
-    c = _setup((y, t), axes, mask, out)
-    with np.errstate(all="ignore"):
-        return _product(c, "log_jvp" if log else "softmax")
+        return _product(c, kind)
