@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 
 from ... import _config, _dtypes
-from ..._call import ROW_KINDS, Call, XentCall, finish
+from ..._call import ROW_KINDS, Call, XentCall
 from ..generic import cross_entropy as generic_xent
 from . import loader as _kernels
 from . import specs
@@ -267,6 +267,8 @@ def _launch_strided(fwd: bool, arrays, axis: int, mask, flag: int, out):
 
 
 def _run(fwd: bool, arrays: tuple[Any, ...], axes: tuple[int, ...], mask, flag: int, out):
+    """The kernels over ``arrays``: ``out`` when a kernel could write there, else a new array
+    that the caller (``backends.run``, or the torch bridge) copies into ``out``."""
     cp = _cp()
     a0 = arrays[0]
     ndim = a0.ndim
@@ -276,7 +278,7 @@ def _run(fwd: bool, arrays: tuple[Any, ...], axes: tuple[int, ...], mask, flag: 
         arrays = tuple(a.reshape((*shape, 1)) for a in arrays)
         mask = None if mask is None else mask.reshape((*shape, 1))
         r = _run(fwd, arrays, (ndim,), mask, flag, None).reshape(shape)
-        return finish(r, out)
+        return r  # out: filled by the caller (backends.run)
     if len(axes) > 1:
         k = len(axes)
         dest = tuple(range(ndim - k, ndim))
@@ -290,7 +292,7 @@ def _run(fwd: bool, arrays: tuple[Any, ...], axes: tuple[int, ...], mask, flag: 
             fmask = cp.ascontiguousarray(cp.moveaxis(mask, axes, dest)).reshape((*lead, n))
         r = _run(fwd, flat, (ndim - k,), fmask, flag, None)
         r = cp.moveaxis(r.reshape(moved[0].shape), dest, axes)
-        return finish(r, out) if out is not None else cp.ascontiguousarray(r)
+        return r if out is not None else cp.ascontiguousarray(r)  # out: filled by the caller
     (axis,) = axes
     inner = math.prod(a0.shape[axis + 1 :])
     if axis == ndim - 1 or inner == 1:
@@ -301,7 +303,7 @@ def _run(fwd: bool, arrays: tuple[Any, ...], axes: tuple[int, ...], mask, flag: 
             arrays = tuple(a.reshape(keep) for a in arrays)
             mask = None if mask is None else mask.reshape(keep)
             r = _launch_rows(fwd, arrays, mask, flag, None).reshape(shape)
-            return finish(r, out)
+            return r  # out: filled by the caller (backends.run)
         return _launch_rows(fwd, arrays, mask, flag, out)
     return _launch_strided(fwd, arrays, axis, mask, flag, out)
 
