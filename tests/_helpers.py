@@ -333,5 +333,5 @@ def backend_of(*arrays: Any, axis: Any = "default", where: Any = None) -> str:
         axis = None if getattr(arrays[0], "ndim", 1) == 0 else -1
     op = _call.SOFTMAX if len(arrays) == 1 else _call.SOFTMAX_VJP
     names = ("x",) if len(arrays) == 1 else ("y", "dy")
-    call = _call.make_call(op, tuple(zip(arrays, names)), axis, where, None)
+    call = _call.make_call(op, tuple(zip(arrays, names, strict=True)), axis, where, None)
     return backends.select(call)[0]

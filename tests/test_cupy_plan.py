@@ -13,9 +13,11 @@ import pytest
 
 pytest.importorskip("cupy", reason="the CuPy-side modules need CuPy installed")
 
-from xpsoftmax.backends.cuda import launch  # noqa: E402
+from xpsoftmax.backends.cuda import (
+    launch,  # noqa: E402
+    specs,  # noqa: E402
+)
 from xpsoftmax.backends.cuda import plan as _cupy  # noqa: E402
-from xpsoftmax.backends.cuda import specs  # noqa: E402
 
 SMEM_H100 = 227 * 1024  # cudaDevAttrMaxSharedMemoryPerBlockOptin on Hopper
 SMEM_A100 = 163 * 1024

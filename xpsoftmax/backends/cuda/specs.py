@@ -1,8 +1,8 @@
 """Which CUDA sources exist in ``kernels/`` and which template instantiations each one needs.
 
-This module imports nothing heavy (no CuPy), so the compile check (``xpsoftmax.tools.kcheck``) can use it on a
-machine with only ``nvcc``. ``launch`` uses the same lists as NVRTC ``name_expressions``, so the
-compile check covers exactly what runs.
+This module imports nothing heavy (no CuPy), so the compile check (``xpsoftmax.tools.kcheck``)
+can use it on a machine with only ``nvcc``. ``loader`` compiles the same lists as NVRTC
+``name_expressions``, so the compile check covers exactly what runs.
 """
 
 from __future__ import annotations

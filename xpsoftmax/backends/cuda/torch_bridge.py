@@ -1,4 +1,4 @@
-"""The torch-cuda backend: CUDA tensors on the fused kernels, zero-copy through DLPack, autograd kept.
+"""The torch-cuda backend: CUDA tensors on the fused kernels, zero-copy (DLPack), autograd kept.
 
 The registry imports this module only when a CUDA tensor arrives. Each call views the tensors as
 CuPy arrays with ``cupy.from_dlpack`` (no copy), runs the CuPy backend (``launch.py``) on torch's

@@ -12,12 +12,17 @@ GIL inside ufuncs and reductions); the block geometry depends only on the shape 
 never on the thread count, so results are bitwise the same for any number of threads.
 
 Semantics are exactly those of the generic backend (the special cases listed in
-``backends/generic/softmax.py``, ``_normalize``); float16 is computed in float32 scratch, one block at a time.
+``backends/generic/softmax.py``, ``_normalize``); float16 is computed in float32 scratch, one
+block at a time.
 
-Left to the generic backend (see :func:`takes`): dtypes other than float16/32/64 (``longdouble``), ``ndarray`` subclasses,
-0-d arrays and ``axis=()``. Copied first: tuple axes that are not adjacent (moved last in a
-contiguous copy) and inputs whose strides cannot be merged into the 2-D/3-D view; an ``out=``
-that partly overlaps an input, or cannot be viewed, receives the result through a temporary.
+Left to the generic backend (see :func:`takes`): dtypes other than float16/32/64
+(``longdouble``), ``ndarray`` subclasses, 0-d arrays and ``axis=()``. Copied first: tuple axes
+that are not adjacent (moved last in a contiguous copy) and inputs whose strides cannot be merged
+into the 2-D/3-D view; an ``out=`` that partly overlaps an input, or cannot be viewed, receives
+the result through a temporary.
+
+The entry points run under ``backends.run``'s ``np.errstate(all="ignore")`` on the calling
+thread; the pool's workers set their own (errstate and ufunc buffer size are per thread).
 
 Environment: ``XPSOFTMAX_NUM_THREADS`` (a positive integer) overrides the number of threads,
 which is otherwise the number of CPUs this process may run on; ``XPSOFTMAX_NUMPY_FAST=0``
@@ -64,15 +69,13 @@ _MIN_CHUNK_ROWS = 64
 def takes(arrays: tuple[Array, ...], axes: tuple[int, ...], out: Array | None) -> bool:
     """True when these arguments run here: plain ``ndarray`` inputs (and ``out``) of one dtype
     of the table, at least one dimension and one softmax axis; ``XPSOFTMAX_NUMPY_FAST`` not 0."""
-    x = arrays[0]
-    return (
-        _config.numpy_fast()
-        and bool(axes)
-        and x.ndim > 0
-        and x.dtype in _DTYPES
-        and all(type(a) is np.ndarray and a.dtype == x.dtype for a in arrays)
-        and (out is None or type(out) is np.ndarray)
-    )
+    if not _config.numpy_fast() or not axes or (out is not None and type(out) is not np.ndarray):
+        return False
+    dtype = arrays[0].dtype
+    for a in arrays:  # (a loop: a generator expression costs a microsecond on every call)
+        if type(a) is not np.ndarray or a.dtype != dtype or a.ndim == 0:
+            return False
+    return dtype in _DTYPES
 
 
 @functools.cache
@@ -316,7 +319,8 @@ def _run(c: _Call, task: Callable[[int], None]) -> None:
     ntasks, bufsize = c.plan.ntasks, c.plan.bufsize
     threads = min(c.threads, ntasks)
     if threads <= 1:
-        with _ufunc_state(bufsize):
+        # The calling thread already ignores floating-point errors (backends.run's errstate).
+        with _errstate_and_bufsize(bufsize) if bufsize else contextlib.nullcontext():
             for t in range(ntasks):
                 task(t)
         return
@@ -650,19 +654,18 @@ def forward(
 ) -> Array:
     """softmax (``log=False``) or log_softmax (``log=True``) of ``x`` along ``axes``."""
     c = _setup((x,), axes, mask, out)
-    with np.errstate(all="ignore"):
-        if c.plan.chunks == 1:
-            (xv,), mv, ov, plan, ct = c.inputs, c.mask, c.out, c.plan, c.ct
+    if c.plan.chunks == 1:
+        (xv,), mv, ov, plan, ct = c.inputs, c.mask, c.out, c.plan, c.ct
 
-            def task(t: int) -> None:
-                blk, _ = plan.index(t)
-                _forward_block(xv[blk], None if mv is None else mv[blk], ov[blk], log, ct)
+        def task(t: int) -> None:
+            blk, _ = plan.index(t)
+            _forward_block(xv[blk], None if mv is None else mv[blk], ov[blk], log, ct)
 
-            _run(c, task)
-        elif c.out.dtype == c.ct:
-            _forward_chunked(c, log)
-        else:
-            _forward_three_pass(c, log)
+        _run(c, task)
+    elif c.out.dtype == c.ct:
+        _forward_chunked(c, log)
+    else:
+        _forward_three_pass(c, log)
     return c.finish()
 
 
@@ -790,6 +793,4 @@ def product(
 ) -> Array:
     """The VJP or JVP from the forward output ``y`` and ``g`` (cotangent or tangent); ``kind``
     is one of the three products above: ``"softmax"``, ``"log_vjp"`` or ``"log_jvp"``."""
-    c = _setup((y, g), axes, mask, out)
-    with np.errstate(all="ignore"):
-        return _product(c, kind)
+    return _product(_setup((y, g), axes, mask, out), kind)
