@@ -15,7 +15,7 @@ from concurrent.futures import ProcessPoolExecutor
 def _compile(item: tuple[str, str]) -> tuple[str, str, str | None]:
     filename, name = item
     try:
-        from xpsoftmax import _kernels
+        from xpsoftmax.backends.cuda import loader as _kernels
 
         _kernels.get_function(filename, name)
     except Exception as exc:  # reported by the parent, with the kernel's name
@@ -24,7 +24,7 @@ def _compile(item: tuple[str, str]) -> tuple[str, str, str | None]:
 
 
 def main() -> int:
-    from xpsoftmax._kernel_specs import SOURCES
+    from xpsoftmax.backends.cuda.specs import SOURCES
 
     items = [(f, n) for f, names in SOURCES.items() for n in names]
     t0 = time.perf_counter()

@@ -23,7 +23,10 @@ import scipy.special
 import torch
 from _helpers import has_gpu
 
-from xpsoftmax import _batch, _batch_dask, _batch_gpu, cli
+from xpsoftmax.tools import cli, devices
+from xpsoftmax.tools.batch import dask as _batch_dask
+from xpsoftmax.tools.batch import gpu as _batch_gpu
+from xpsoftmax.tools.batch import job as _batch
 
 TIMEOUT = 180
 
@@ -295,12 +298,12 @@ def test_dask_bad_local_count(text, tmp_path, capsys):
 
 def test_device_choice(monkeypatch):
     fake = object()
-    monkeypatch.setattr(_batch, "_cupy_with_gpu", lambda: None)
+    monkeypatch.setattr(devices, "cupy_with_gpu", lambda: None)
     assert _batch.pick_device("auto") is None
     assert _batch.pick_device("cpu") is None
     with pytest.raises(_batch.BatchError, match="--device gpu: no CUDA device found"):
         _batch.pick_device("gpu")
-    monkeypatch.setattr(_batch, "_cupy_with_gpu", lambda: fake)
+    monkeypatch.setattr(devices, "cupy_with_gpu", lambda: fake)
     assert _batch.pick_device("auto") is fake
     assert _batch.pick_device("gpu") is fake
     assert _batch.pick_device("cpu") is None
@@ -474,7 +477,7 @@ def test_gpu_loop_on_a_stand_in_matches_the_cpu(
     status, _, err = _main(["run", op, *paths, "-o", cpu, "--device", "cpu", *extra], capsys)
     assert status == 0, err
     fake = FakeCupy()
-    monkeypatch.setattr(_batch, "_cupy_with_gpu", lambda: fake)
+    monkeypatch.setattr(devices, "cupy_with_gpu", lambda: fake)
     argv = ["run", op, *paths, "-o", gpu, "--device", "auto", "--batch-mb", mb, *extra]
     status, out, err = _main(argv, capsys)
     assert status == 0, err
@@ -499,7 +502,7 @@ def test_gpu_loop_on_a_stand_in_matches_the_cpu(
 def test_the_stand_in_catches_a_result_read_before_its_event(tmp_path, capsys, monkeypatch):
     """The control: a loop that does not wait for its event writes stale results."""
     paths, _ = _gpu_inputs(tmp_path, "softmax", (300, 40), -1, False, False)
-    monkeypatch.setattr(_batch, "_cupy_with_gpu", FakeCupy)
+    monkeypatch.setattr(devices, "cupy_with_gpu", FakeCupy)
 
     def finish_without_waiting(self, out, advance):
         _, index, lines, host_out, _, _ = self.pending
@@ -516,7 +519,7 @@ def test_the_stand_in_catches_a_result_read_before_its_event(tmp_path, capsys, m
 
 
 def test_gpu_run_refuses_a_line_larger_than_batch_mb(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(_batch, "_cupy_with_gpu", FakeCupy)
+    monkeypatch.setattr(devices, "cupy_with_gpu", FakeCupy)
     x = _save(tmp_path, "x.npy", np.zeros((2, 1 << 16), dtype=np.float32))
     argv = ["run", "softmax", x, "-o", tmp_path / "y.npy", "--batch-mb", "0.5"]
     _one_line_error(*_main(argv, capsys), "one softmax line of 65536 elements needs 1 MiB")
@@ -525,7 +528,7 @@ def test_gpu_run_refuses_a_line_larger_than_batch_mb(tmp_path, capsys, monkeypat
 
 def test_gpu_loop_error_midway_leaves_no_output(tmp_path, capsys, monkeypatch):
     fake = FakeCupy()
-    monkeypatch.setattr(_batch, "_cupy_with_gpu", lambda: fake)
+    monkeypatch.setattr(devices, "cupy_with_gpu", lambda: fake)
     calls = []
     real = _batch.compute
 

@@ -22,7 +22,8 @@ import scipy.special
 from _helpers import has_gpu
 
 import xpsoftmax
-from xpsoftmax import _demo, cli
+from xpsoftmax.tools import cli
+from xpsoftmax.tools import demo as _demo
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 180  # seconds for one subprocess; the demo takes a few seconds on 2 cores
@@ -95,7 +96,7 @@ def test_demo_default_run_passes_and_reports():
 def test_demo_imports_neither_torch_nor_jax():
     code = (
         "import sys\n"
-        "from xpsoftmax.cli import main\n"
+        "from xpsoftmax.tools.cli import main\n"
         "status = main(['demo', '--rows', '64', '--classes', '10', '--repeat', '1'])\n"
         "assert status == 0, status\n"
         "print(sorted(m for m in ('torch', 'jax', 'dask') if m in sys.modules))\n"
@@ -174,7 +175,7 @@ def test_demo_device_gpu_without_gpu_is_one_line_error():
 def test_info_reports_versions_without_importing_frameworks():
     code = (
         "import sys\n"
-        "from xpsoftmax.cli import main\n"
+        "from xpsoftmax.tools.cli import main\n"
         "status = main(['info'])\n"
         "print('imported:', sorted(m for m in ('torch', 'jax', 'dask') if m in sys.modules))\n"
         "raise SystemExit(status)\n"

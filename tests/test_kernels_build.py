@@ -22,8 +22,9 @@ from pathlib import Path
 import pytest
 from _helpers import has_gpu
 
-from xpsoftmax import _kcheck, _kernels
-from xpsoftmax._kernel_specs import SOURCES
+from xpsoftmax.backends.cuda import loader as _kernels
+from xpsoftmax.backends.cuda.specs import SOURCES
+from xpsoftmax.tools import kcheck as _kcheck
 
 REPO = Path(__file__).resolve().parents[1]
 KERNELS = REPO / "kernels"
@@ -160,8 +161,8 @@ def test_check_fails_on_a_name_expression_the_source_lacks(tmp_path):
     assert status == 1
     assert "tile.cu failed to compile for sm_80" in err
     assert (
-        '<name expressions of tile.cu in _kernel_specs.SOURCES>(2): error: identifier "xps_missing"'
-        in err
+        "<name expressions of tile.cu in xpsoftmax.backends.cuda.specs.SOURCES>(2): error: "
+        'identifier "xps_missing"' in err
     )
     assert "xpsoftmax-kcheck-" not in err  # the temporary file is not named
 
@@ -285,9 +286,9 @@ def test_get_function_without_cupy_says_which_extra_to_install(monkeypatch):
 def test_modules_import_without_cupy():
     code = (
         "import sys; sys.modules['cupy'] = None\n"
-        "import xpsoftmax._kernels, xpsoftmax._kcheck\n"
-        "from xpsoftmax._kernel_specs import SOURCES\n"
-        "print(*(xpsoftmax._kernels.source_path(f) for f in SOURCES), sep='\\n')\n"
+        "import xpsoftmax.backends.cuda.loader as k, xpsoftmax.tools.kcheck\n"
+        "from xpsoftmax.backends.cuda.specs import SOURCES\n"
+        "print(*(k.source_path(f) for f in SOURCES), sep='\\n')\n"
     )
     done = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=False
@@ -495,8 +496,8 @@ def test_wheel_ships_the_sources_and_the_installed_package_finds_them(tmp_path):
     code = (
         "import json, sys\n"
         f"sys.path[:0] = {paths!r}\n"
-        "import xpsoftmax, xpsoftmax._kernels as k\n"
-        "from xpsoftmax._kernel_specs import SOURCES\n"
+        "import xpsoftmax, xpsoftmax.backends.cuda.loader as k\n"
+        "from xpsoftmax.backends.cuda.specs import SOURCES\n"
         "print(json.dumps({'package': xpsoftmax.__file__,\n"
         "  'paths': {f: str(k.source_path(f)) for f in SOURCES},\n"
         "  'sources': {f: k.source(f) for f in SOURCES}}))\n"

@@ -347,6 +347,7 @@ def test_vjp_jvp_derivatives(launcher, op, shape, axes, make_mask, log):
     y0 = torch.where(torch.isfinite(y0), y0, -3.0)  # finite, so finite differences stay finite
     y = y0.clone().requires_grad_(True)
     g = _randn(shape, 5).requires_grad_(True)
+
     def f(y, g):
         return _bridge(op, y, g, axes=axes, mask=mask, log=log)
 

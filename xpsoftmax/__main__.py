@@ -1,5 +1,5 @@
 """``python -m xpsoftmax``: the same command as the ``xpsoftmax`` console script."""
 
-from .cli import main
+from .tools.cli import main
 
 raise SystemExit(main())

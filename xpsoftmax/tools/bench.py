@@ -27,8 +27,8 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import __version__
-from ._demo import _cupy_with_gpu
+from .. import __version__
+from . import devices
 
 __all__ = ["MIN_ELEMENTS", "run", "shapes"]
 
@@ -57,12 +57,8 @@ def _machine() -> str:
         model = names[0] if names else model
     except OSError:
         pass
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        usable = os.cpu_count() or 1
     return (
-        f"{model}, {usable} of {os.cpu_count()} CPUs usable, {platform.system()} "
+        f"{model}, {devices.available_cpus()} of {os.cpu_count()} CPUs usable, {platform.system()} "
         f"{platform.release()} {platform.machine()}, Python {sys.version.split()[0]}"
     )
 
@@ -74,9 +70,7 @@ def _versions(cupy: Any | None) -> str:
 
         parts.append(f"SciPy {scipy.__version__}")
     if cupy is not None:
-        from ._batch import gpu_name
-
-        parts.append(gpu_name(cupy))
+        parts.append(devices.gpu_name(cupy))
     return ", ".join(parts)
 
 
@@ -160,24 +154,21 @@ def run(
     Examples
     --------
     >>> import io
-    >>> from xpsoftmax import _bench
-    >>> _bench.run(elements=1024, repeat=1, device="cpu", stream=io.StringIO())
+    >>> from xpsoftmax.tools import bench
+    >>> bench.run(elements=1024, repeat=1, device="cpu", stream=io.StringIO())
     True
     """
     if elements < MIN_ELEMENTS:
         msg = f"elements must be at least {MIN_ELEMENTS}, got {elements}"
         raise ValueError(msg)
-    if device not in ("auto", "cpu", "gpu"):
+    if device not in devices.CHOICES:
         msg = f"device must be 'auto', 'cpu' or 'gpu', got {device!r}"
         raise ValueError(msg)
     out = sys.stdout if stream is None else stream
-    cupy = None if device == "cpu" else _cupy_with_gpu()
-    if cupy is None and device == "gpu":
-        msg = "--device gpu: no CUDA device found (CuPy is not installed or sees no GPU)"
-        raise RuntimeError(msg)
-    devices = [] if device == "gpu" else ["CPU"]
+    cupy = devices.pick_gpu(device)
+    where = [] if device == "gpu" else ["CPU"]
     if cupy is not None:
-        devices.append("GPU")
+        where.append("GPU")
     now = datetime.datetime.now().astimezone()
     print(f"xpsoftmax {__version__} bench, {now:%Y-%m-%d %H:%M %Z}", file=out)
     print(f"machine: {_machine()}", file=out)
@@ -199,7 +190,7 @@ def run(
         p, y, dx = _reference(x, dy)
         refs = {"forward": p, "backward": dx}
         size = x.nbytes
-        for name in devices:
+        for name in where:
             if name == "GPU":
                 xp, sync, to_host = cupy, cupy.cuda.Device().synchronize, cupy.asnumpy
                 arrays = (cupy.asarray(x), cupy.asarray(y), cupy.asarray(dy))

@@ -6,11 +6,11 @@ Subcommands:
   exit status 0 when every check passes, 1 otherwise.
 * ``info``: versions of the package and of the array libraries found, CUDA devices, ``nvcc``,
   the kernel mode and the CPU count.
-* ``kernels ...``: the CUDA kernels' compile check (``xpsoftmax._kcheck``); the rest of the
+* ``kernels ...``: the CUDA kernels' compile check (``xpsoftmax.tools.kcheck``); the rest of the
   command line is passed to it unchanged.
 * ``run OP INPUT... -o OUTPUT``: softmax, log_softmax, their backward or cross_entropy on
-  ``.npy`` files of any size, on the CPU, a GPU or a Dask cluster (``xpsoftmax._batch``).
-* ``bench``: a short benchmark table of this machine (``xpsoftmax._bench``).
+  ``.npy`` files of any size, on the CPU, a GPU or a Dask cluster (``xpsoftmax.tools.batch``).
+* ``bench``: a short benchmark table of this machine (``xpsoftmax.tools.bench``).
 
 A user error (a bad option, a missing GPU, a bad file) prints one line on stderr and exits with
 status 2, never a traceback; set ``XPSOFTMAX_DEBUG=1`` to see the traceback of an unexpected one.
@@ -29,7 +29,8 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
-from ._batch import OPS, BatchError, first_line
+from . import devices
+from .batch.job import OPS, BatchError, first_line
 
 __all__ = ["CommandError", "main"]
 
@@ -89,7 +90,7 @@ def _positive_float(text: str) -> float:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from . import _demo
+    from . import demo as _demo
 
     if args.classes < 2:
         msg = f"demo: --classes must be at least 2, got {args.classes}"
@@ -139,10 +140,7 @@ def _cuda_devices() -> str:
         import cupy
 
         count = cupy.cuda.runtime.getDeviceCount()
-        names = []
-        for i in range(count):
-            name = cupy.cuda.runtime.getDeviceProperties(i)["name"]
-            names.append(f"{i}: {name.decode() if isinstance(name, bytes) else name}")
+        names = [f"{i}: {devices.device_name(cupy, i)}" for i in range(count)]
     except Exception as exc:  # no driver, no device, broken installation
         return f"none ({first_line(exc)})"
     if not names:
@@ -167,27 +165,19 @@ def _nvcc() -> str:
 
 
 def _kernel_mode() -> str:
-    from ._dispatch import _ENV, get_kernels
+    from .._config import KERNELS_ENV as env
+    from .._config import get_kernels
 
-    source = f"{_ENV}={os.environ[_ENV]!r}" if _ENV in os.environ else f"{_ENV} unset"
+    source = f"{env}={os.environ[env]!r}" if env in os.environ else f"{env} unset"
     try:
         return f"{get_kernels()} ({source})"
     except ValueError as exc:
         return f"invalid ({exc})"
 
 
-def _cpus() -> str:
-    total = os.cpu_count() or 1
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return f"{total}"
-    return f"{usable} usable by this process (of {total})"
-
-
 def _info(args: argparse.Namespace) -> int:
-    from . import __file__ as package_file
-    from . import __version__
+    from .. import __file__ as package_file
+    from .. import __version__
 
     rows = [
         ("xpsoftmax", f"{__version__} ({os.path.dirname(package_file)})"),
@@ -196,7 +186,7 @@ def _info(args: argparse.Namespace) -> int:
         ("CUDA devices", _cuda_devices()),
         ("nvcc", _nvcc()),
         ("kernel mode", _kernel_mode()),
-        ("CPUs", _cpus()),
+        ("CPUs", devices.cpu_summary()),
     ]
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
@@ -209,9 +199,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _kernels(argv: list[str]) -> int:
-    from . import _kcheck
+    from . import kcheck
 
-    status = _kcheck.main(argv)
+    status = kcheck.main(argv)
     return 0 if status is None else int(status)
 
 
@@ -220,18 +210,18 @@ def _kernels(argv: list[str]) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from . import _batch
+    from .batch import job, run
 
-    spec = _batch.Spec(
+    spec = job.Spec(
         op=args.op,
         inputs=tuple(args.inputs),
         where=args.where,
         axis=args.axis,
-        batch_bytes=max(1, int(args.batch_mb * _batch.MIB)),
+        batch_bytes=max(1, int(args.batch_mb * job.MIB)),
         device=args.device,
     )
     progress = sys.stderr.isatty() if args.progress is None else args.progress
-    summary = _batch.run(
+    summary = run.run(
         spec, args.output, overwrite=args.overwrite, progress=progress, dask=args.dask
     )
     print(summary)
@@ -239,13 +229,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _bench(args: argparse.Namespace) -> int:
-    from . import _bench
+    from . import bench
 
-    if args.elements < _bench.MIN_ELEMENTS:
-        msg = f"bench: --elements must be at least {_bench.MIN_ELEMENTS}, got {args.elements}"
+    if args.elements < bench.MIN_ELEMENTS:
+        msg = f"bench: --elements must be at least {bench.MIN_ELEMENTS}, got {args.elements}"
         raise CommandError(msg)
     try:
-        ok = _bench.run(elements=args.elements, repeat=args.repeat, device=args.device)
+        ok = bench.run(elements=args.elements, repeat=args.repeat, device=args.device)
     except RuntimeError as exc:  # no GPU for --device gpu
         raise CommandError(f"bench: {exc}") from None
     return 0 if ok else 1
@@ -256,8 +246,8 @@ def _bench(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import __version__
-    from ._demo import DTYPES
+    from .. import __version__
+    from .demo import DTYPES
 
     parser = _Parser(
         prog=PROG,
@@ -381,7 +371,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=_info)
 
-    # Listed for --help only: main() hands "kernels ..." to _kcheck before parsing.
+    # Listed for --help only: main() hands "kernels ..." to kcheck before parsing.
     sub.add_parser(
         "kernels",
         help="compile check of the CUDA kernels (see 'xpsoftmax kernels --help')",
@@ -410,7 +400,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     Examples
     --------
-    >>> from xpsoftmax.cli import main
+    >>> from xpsoftmax.tools.cli import main
     >>> main(["no-such-command"])
     2
     """

@@ -14,9 +14,7 @@ result is compared with a float64 reference computed here with plain NumPy on th
 
 from __future__ import annotations
 
-import importlib.util
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -25,9 +23,16 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from . import __version__
-from ._api import check_vjp, log_softmax, log_softmax_backward, softmax, softmax_backward
-from ._dispatch import get_kernels
+from .. import (
+    __version__,
+    check_vjp,
+    get_kernels,
+    log_softmax,
+    log_softmax_backward,
+    softmax,
+    softmax_backward,
+)
+from . import devices
 
 __all__ = ["DTYPES", "Device", "make_batch", "pick_device", "run"]
 
@@ -50,48 +55,21 @@ class Device:
     to_host: Callable[[Any], np.ndarray]
 
 
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
-def _cupy_with_gpu() -> Any | None:
-    """The cupy module when it is installed and sees a CUDA device, else None."""
-    if "cupy" not in sys.modules and importlib.util.find_spec("cupy") is None:
-        return None
-    try:
-        import cupy
-    except Exception:  # a broken CUDA installation: fall back to the CPU
-        return None
-    try:
-        return cupy if cupy.is_available() else None
-    except Exception:
-        return None
-
-
 def pick_device(choice: str = "auto") -> Device:
     """The device for ``choice`` (``"auto"``, ``"cpu"`` or ``"gpu"``).
 
     ``"auto"`` takes CuPy's current GPU when CuPy is installed and sees a device, and NumPy on
     the CPU otherwise; ``"gpu"`` raises ``RuntimeError`` when there is no usable GPU.
     """
-    if choice not in ("auto", "cpu", "gpu"):
+    if choice not in devices.CHOICES:
         msg = f"device must be 'auto', 'cpu' or 'gpu', got {choice!r}"
         raise ValueError(msg)
-    cupy = None if choice == "cpu" else _cupy_with_gpu()
+    cupy = devices.pick_gpu(choice)
     if cupy is None:
-        if choice == "gpu":
-            msg = "--device gpu: no CUDA device found (CuPy is not installed or sees no GPU)"
-            raise RuntimeError(msg)
-        name = f"CPU ({_cpu_count()} cores), NumPy {np.__version__}"
+        name = f"CPU ({devices.available_cpus()} cores), NumPy {np.__version__}"
         return Device(np, name, lambda: None, np.asarray)
-    dev = cupy.cuda.Device()
-    props = cupy.cuda.runtime.getDeviceProperties(dev.id)
-    gpu = props["name"].decode() if isinstance(props["name"], bytes) else str(props["name"])
-    name = f"GPU {dev.id} ({gpu}), CuPy {cupy.__version__}, kernels {get_kernels()!r}"
-    return Device(cupy, name, dev.synchronize, cupy.asnumpy)
+    name = f"{devices.gpu_name(cupy)}, kernels {get_kernels()!r}"
+    return Device(cupy, name, cupy.cuda.Device().synchronize, cupy.asnumpy)
 
 
 def make_batch(rows: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -178,8 +156,8 @@ def run(
     Examples
     --------
     >>> import io
-    >>> from xpsoftmax import _demo
-    >>> _demo.run(device="cpu", rows=64, classes=10, repeat=1, stream=io.StringIO())
+    >>> from xpsoftmax.tools import demo
+    >>> demo.run(device="cpu", rows=64, classes=10, repeat=1, stream=io.StringIO())
     True
     """
     if dtype not in DTYPES:

@@ -1,8 +1,8 @@
 """``python -m xpsoftmax kernels --check``: compile every kernel instantiation with ``nvcc``.
 
-For each source in ``_kernel_specs.SOURCES`` and each architecture, a small translation unit
-``#include``s the source and takes the address of every name expression, which makes the
-compiler instantiate exactly the template kernels that NVRTC compiles at run time. ``nvcc
+For each source in ``SOURCES`` (``backends/cuda/specs.py``) and each architecture, a small
+translation unit ``#include``s the source and takes the address of every name expression, which
+makes the compiler instantiate exactly the template kernels that NVRTC compiles at run time. ``nvcc
 --resource-usage`` then reports registers, spills, stack frame and static shared memory per
 kernel; one row is printed per kernel instantiation and architecture. No GPU is needed, only the
 CUDA toolkit's ``nvcc``.
@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, TextIO
 
-from . import _kernels
-from ._kernel_specs import SOURCES
+from ..backends.cuda import loader as _kernels
+from ..backends.cuda.specs import SOURCES
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 # Mirrors what CuPy passes to NVRTC (``-ftz=true`` is CuPy's), so register counts match run time.
@@ -125,7 +125,7 @@ def _normal(expression: str) -> str:
 
 
 def _label(filename: str) -> str:
-    return f"<name expressions of {filename} in _kernel_specs.SOURCES>"
+    return f"<name expressions of {filename} in xpsoftmax.backends.cuda.specs.SOURCES>"
 
 
 def _translation_unit(path: Path, filename: str, names: Sequence[str]) -> str:
@@ -202,7 +202,7 @@ def check(
     """Compile every name expression of ``sources`` for each arch and print the resource table.
 
     ``sources`` (file name -> name expressions) defaults to ``SOURCES``, and files are found with
-    ``_kernels.source_path`` unless ``directory`` is given; both exist for the tests. Returns
+    ``loader.source_path`` unless ``directory`` is given; both exist for the tests. Returns
     the exit status described in the module docstring.
     """
     out = sys.stdout if out is None else out
@@ -350,8 +350,8 @@ def main(argv: list[str]) -> int:
 
     Examples
     --------
-    >>> from xpsoftmax import _kcheck
-    >>> _kcheck.main(["--check", "--arch", "sm_80,sm_90"])  # doctest: +SKIP
+    >>> from xpsoftmax.tools import kcheck
+    >>> kcheck.main(["--check", "--arch", "sm_80,sm_90"])  # doctest: +SKIP
     0
     """
     parser = _parser()

@@ -4,7 +4,7 @@ The main process checks the inputs and creates the temporary output file (header
 then each task, on a worker, opens the inputs again as memory maps, opens the temporary file
 with :func:`numpy.lib.format.open_memmap`, computes its box of whole softmax lines and writes
 it there. Boxes are disjoint, so no locking is needed; the main process renames the file when
-every task is done (``_batch.write_npy_atomically``). A worker computes on its GPU when it has
+every task is done (``job.write_npy_atomically``). A worker computes on its GPU when it has
 one (with ``--device auto``; one worker per GPU, as dask-cuda sets up), with NumPy otherwise.
 
 The paths must mean the same file on every worker: the local disk for ``--dask local[:N]``, a
@@ -26,7 +26,10 @@ from typing import Any
 
 import numpy as np
 
-from ._batch import (
+from .. import devices
+from . import gpu as batch_gpu
+from . import job as job_
+from .job import (
     CPU_NAME,
     BatchError,
     Box,
@@ -35,9 +38,7 @@ from ._batch import (
     blocks,
     cpu_budget,
     first_line,
-    gpu_name,
     open_job,
-    pick_device,
     run_cpu,
 )
 
@@ -60,19 +61,12 @@ class Cluster:
         return self.address or f"local:{self.workers}"
 
 
-def _usable_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
-
-
 def parse_address(text: str) -> Cluster:
     """``--dask``'s value: ``local`` (one worker per usable CPU), ``local:N`` or an address."""
     if text == "local" or text.startswith("local:"):
         count = text.partition(":")[2]
         if not count:
-            return Cluster(None, _usable_cpus())
+            return Cluster(None, devices.available_cpus())
         if count.isdigit() and int(count) > 0:
             return Cluster(None, int(count))
         msg = f"--dask {text!r}: expected local:N with N a positive number of workers"
@@ -110,12 +104,10 @@ def run_task(spec: Spec, part: str, box: Box) -> tuple[int, str]:
         nonlocal done
         done += lines
 
-    cupy = pick_device(spec.device)
+    cupy = job_.pick_device(spec.device)
     if cupy is not None:
-        from . import _batch_gpu
-
-        _batch_gpu.run(job, cupy, [box], view, advance)
-        device = gpu_name(cupy)
+        batch_gpu.run(job, cupy, [box], view, advance)
+        device = devices.gpu_name(cupy)
     else:
         run_cpu(job, [box], view, advance)
         device = CPU_NAME

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from ._batch import MIB, BatchError, Box, Job, box_shape, compute, within
+from .job import MIB, BatchError, Box, Job, box_shape, compute, within
 
 __all__ = ["SLOTS", "Plan", "plan", "run"]
 

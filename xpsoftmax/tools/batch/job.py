@@ -7,8 +7,8 @@ The pipeline:
 2. The arrays are covered by boxes of whole softmax lines (:func:`blocks`, :func:`within`); the
    softmax axis is never split.
 3. Each box is computed on the CPU with NumPy (:func:`run_cpu`), on a GPU through pinned
-   buffers and two CUDA streams (``_batch_gpu``), or on Dask workers (``_batch_dask``), which
-   write their boxes into the same output file.
+   buffers and two CUDA streams (``gpu.py``), or on Dask workers (``dask.py``), which write
+   their boxes into the same output file; ``run.py`` picks one for a run.
 4. :func:`write_npy_atomically` writes into a temporary file beside the output, flushes it and
    renames it only when complete.
 
@@ -25,16 +25,14 @@ import itertools
 import math
 import os
 import signal
-import sys
 import tempfile
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from ._demo import _cupy_with_gpu
+from .. import devices
 
 __all__ = [
     "OPS",
@@ -46,7 +44,6 @@ __all__ = [
     "open_job",
     "open_npy",
     "pick_device",
-    "run",
     "run_cpu",
     "within",
     "write_npy_atomically",
@@ -389,21 +386,12 @@ CPU_NAME = "CPU (NumPy)"
 
 def pick_device(choice: str) -> Any | None:
     """The ``cupy`` module for ``choice`` ``"gpu"``, or ``"auto"`` with a GPU; None for the CPU."""
-    if choice not in ("auto", "cpu", "gpu"):
+    if choice not in devices.CHOICES:
         raise BatchError(f"--device must be auto, cpu or gpu, got {choice!r}")
-    cupy = None if choice == "cpu" else _cupy_with_gpu()
-    if cupy is None and choice == "gpu":
-        msg = "--device gpu: no CUDA device found (CuPy is not installed or sees no GPU)"
-        raise BatchError(msg)
-    return cupy
-
-
-def gpu_name(cupy: Any) -> str:
-    """``GPU <id> (<name>), CuPy <version>`` for the current device."""
-    dev = cupy.cuda.Device()
-    name = cupy.cuda.runtime.getDeviceProperties(dev.id)["name"]
-    name = name.decode() if isinstance(name, bytes) else str(name)
-    return f"GPU {dev.id} ({name}), CuPy {cupy.__version__}"
+    try:
+        return devices.pick_gpu(choice)
+    except devices.NoGPUError as exc:
+        raise BatchError(str(exc)) from None
 
 
 def cpu_budget(job: Job) -> int:
@@ -501,90 +489,3 @@ def write_npy_atomically(
                     os.unlink(part)
             raise
     _fsync_directory(directory)
-
-
-def _progress_bar(enabled: bool, lines: int):
-    """A tqdm bar on stderr counting softmax lines, or None when disabled."""
-    if not enabled:
-        return None
-    from tqdm import tqdm
-
-    return tqdm(total=lines, unit="row", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
-
-
-# --------------------------------------------------------------------------------------------
-# the command
-
-
-def run(
-    spec: Spec,
-    output: str,
-    *,
-    overwrite: bool = False,
-    progress: bool = False,
-    dask: str | None = None,
-) -> str:
-    """Run ``spec`` into the ``.npy`` file ``output``; return the one-line summary.
-
-    Raises :class:`BatchError` for a bad file, option or device, before anything is written.
-    """
-    names = OPS[spec.op]
-    if len(spec.inputs) != len(names):
-        msg = (
-            f"run {spec.op}: takes {len(names)} input{'s' if len(names) > 1 else ''} "
-            f"({', '.join(names)}), got {len(spec.inputs)}"
-        )
-        raise BatchError(msg)
-    sources = [*spec.inputs, *([spec.where] if spec.where is not None else [])]
-    target = check_output(output, sources, overwrite)
-    job = open_job(spec)
-    if dask is not None:
-        from . import _batch_dask
-
-        cluster = _batch_dask.parse_address(dask)  # checked before anything is written
-        cupy = None
-    else:
-        cupy = pick_device(spec.device)
-        if cupy is not None:
-            from . import _batch_gpu
-
-            _batch_gpu.plan(job)  # a line that does not fit in --batch-mb: an error now
-    start = time.perf_counter()
-    bar = _progress_bar(progress, job.lines)
-    device = CPU_NAME
-
-    def advance(count: int) -> None:
-        if bar is not None:
-            done = job.moved * (bar.n + count) / max(job.lines, 1)
-            rate = done / max(time.perf_counter() - start, 1e-9) / 1e9
-            bar.set_postfix_str(f"{rate:.2f} GB/s", refresh=False)
-            bar.update(count)
-
-    def fill(out: np.ndarray, part: str) -> None:
-        nonlocal device
-        view = out.T if job.fortran else out
-        if dask is not None:
-            device = _batch_dask.run(job, part, cluster, advance)
-        elif cupy is not None:
-            _batch_gpu.run(job, cupy, [whole(job.shape)], view, advance)
-            device = gpu_name(cupy)
-        else:
-            run_cpu(job, [whole(job.shape)], view, advance)
-
-    try:
-        write_npy_atomically(target, job.out_dtype, _file_shape(job), job.out_fortran, fill)
-    finally:
-        if bar is not None:
-            bar.close()
-    seconds = time.perf_counter() - start
-    shape = job.shape[::-1] if job.fortran else job.shape
-    axis = len(shape) - 1 - job.axis if job.fortran else job.axis
-    return (
-        f"{spec.op}: {job.lines} rows of {job.n} {job.out_dtype} "
-        f"(axis {axis} of {shape}), {job.moved / 1e9:.3g} GB read and written in "
-        f"{seconds:.3g} s, {job.moved / max(seconds, 1e-9) / 1e9:.3g} GB/s, {device} -> {output}"
-    )
-
-
-def _file_shape(job: Job) -> tuple[int, ...]:
-    return job.out_shape[::-1] if job.fortran else job.out_shape

@@ -1,0 +1,110 @@
+"""The driver of ``xpsoftmax run``: check, pick the CPU, a GPU or a Dask cluster, write, report."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import numpy as np
+
+from .. import devices
+from . import dask as batch_dask
+from . import gpu as batch_gpu
+from . import job as job_
+from .job import (
+    CPU_NAME,
+    OPS,
+    BatchError,
+    Job,
+    Spec,
+    check_output,
+    open_job,
+    run_cpu,
+    whole,
+    write_npy_atomically,
+)
+
+__all__ = ["run"]
+
+
+def _progress_bar(enabled: bool, lines: int):
+    """A tqdm bar on stderr counting softmax lines, or None when disabled."""
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=lines, unit="row", unit_scale=True, file=sys.stderr, dynamic_ncols=True)
+
+
+# --------------------------------------------------------------------------------------------
+# the command
+
+
+def run(
+    spec: Spec,
+    output: str,
+    *,
+    overwrite: bool = False,
+    progress: bool = False,
+    dask: str | None = None,
+) -> str:
+    """Run ``spec`` into the ``.npy`` file ``output``; return the one-line summary.
+
+    Raises :class:`BatchError` for a bad file, option or device, before anything is written.
+    """
+    names = OPS[spec.op]
+    if len(spec.inputs) != len(names):
+        msg = (
+            f"run {spec.op}: takes {len(names)} input{'s' if len(names) > 1 else ''} "
+            f"({', '.join(names)}), got {len(spec.inputs)}"
+        )
+        raise BatchError(msg)
+    sources = [*spec.inputs, *([spec.where] if spec.where is not None else [])]
+    target = check_output(output, sources, overwrite)
+    job = open_job(spec)
+    if dask is not None:
+        cluster = batch_dask.parse_address(dask)  # checked before anything is written
+        cupy = None
+    else:
+        cupy = job_.pick_device(spec.device)
+        if cupy is not None:
+            batch_gpu.plan(job)  # a line that does not fit in --batch-mb: an error now
+    start = time.perf_counter()
+    bar = _progress_bar(progress, job.lines)
+    device = CPU_NAME
+
+    def advance(count: int) -> None:
+        if bar is not None:
+            done = job.moved * (bar.n + count) / max(job.lines, 1)
+            rate = done / max(time.perf_counter() - start, 1e-9) / 1e9
+            bar.set_postfix_str(f"{rate:.2f} GB/s", refresh=False)
+            bar.update(count)
+
+    def fill(out: np.ndarray, part: str) -> None:
+        nonlocal device
+        view = out.T if job.fortran else out
+        if dask is not None:
+            device = batch_dask.run(job, part, cluster, advance)
+        elif cupy is not None:
+            batch_gpu.run(job, cupy, [whole(job.shape)], view, advance)
+            device = devices.gpu_name(cupy)
+        else:
+            run_cpu(job, [whole(job.shape)], view, advance)
+
+    try:
+        write_npy_atomically(target, job.out_dtype, _file_shape(job), job.out_fortran, fill)
+    finally:
+        if bar is not None:
+            bar.close()
+    seconds = time.perf_counter() - start
+    shape = job.shape[::-1] if job.fortran else job.shape
+    axis = len(shape) - 1 - job.axis if job.fortran else job.axis
+    return (
+        f"{spec.op}: {job.lines} rows of {job.n} {job.out_dtype} "
+        f"(axis {axis} of {shape}), {job.moved / 1e9:.3g} GB read and written in "
+        f"{seconds:.3g} s, {job.moved / max(seconds, 1e-9) / 1e9:.3g} GB/s, {device} -> {output}"
+    )
+
+
+def _file_shape(job: Job) -> tuple[int, ...]:
+    return job.out_shape[::-1] if job.fortran else job.out_shape

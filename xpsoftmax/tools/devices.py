@@ -1,0 +1,78 @@
+"""The machine, as the tools describe it: the CPUs, the GPU CuPy sees, and picking a device.
+
+One place for what ``demo``, ``bench``, ``info`` and ``run`` (and its Dask tasks) all need. The
+CPU count is the core's (:func:`xpsoftmax._config.available_cpus`, which the NumPy backend's
+thread pool uses too).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from typing import Any
+
+from .._config import available_cpus
+
+__all__ = [
+    "NoGPUError",
+    "available_cpus",
+    "cpu_summary",
+    "cupy_with_gpu",
+    "device_name",
+    "gpu_name",
+    "pick_gpu",
+]
+
+CHOICES = ("auto", "cpu", "gpu")
+
+
+class NoGPUError(RuntimeError):
+    """``--device gpu`` on a machine where CuPy is missing or sees no GPU."""
+
+
+def cupy_with_gpu() -> Any | None:
+    """The cupy module when it is installed and sees a CUDA device, else None."""
+    if "cupy" not in sys.modules and importlib.util.find_spec("cupy") is None:
+        return None
+    try:
+        import cupy
+    except Exception:  # a broken CUDA installation: fall back to the CPU
+        return None
+    try:
+        return cupy if cupy.is_available() else None
+    except Exception:
+        return None
+
+
+def pick_gpu(choice: str) -> Any | None:
+    """The cupy module for ``choice`` ``"gpu"``, or ``"auto"`` with a GPU; None for the CPU.
+
+    ``choice`` is one of :data:`CHOICES` (the callers check it, with their own messages);
+    ``"gpu"`` without a usable GPU raises :class:`NoGPUError`.
+    """
+    cupy = None if choice == "cpu" else cupy_with_gpu()
+    if cupy is None and choice == "gpu":
+        msg = "--device gpu: no CUDA device found (CuPy is not installed or sees no GPU)"
+        raise NoGPUError(msg)
+    return cupy
+
+
+def device_name(cupy: Any, device: int) -> str:
+    """The name of CUDA device ``device`` (as the driver reports it)."""
+    name = cupy.cuda.runtime.getDeviceProperties(device)["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
+
+
+def gpu_name(cupy: Any) -> str:
+    """``GPU <id> (<name>), CuPy <version>`` for the current device."""
+    dev = cupy.cuda.Device()
+    return f"GPU {dev.id} ({device_name(cupy, dev.id)}), CuPy {cupy.__version__}"
+
+
+def cpu_summary() -> str:
+    """``N usable by this process (of M)``, or ``M`` where the affinity mask is unknown."""
+    total = os.cpu_count() or 1
+    if not hasattr(os, "sched_getaffinity"):  # not on Linux
+        return f"{total}"
+    return f"{available_cpus()} usable by this process (of {total})"
