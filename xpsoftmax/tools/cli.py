@@ -61,28 +61,25 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(msg)
 
 
-def _positive_int(text: str) -> int:
+def _positive(text: str, kind: type, what: str) -> int | float:
+    """``text`` as a positive ``kind`` (finite), or argparse's error naming ``what`` it expected."""
     try:
-        value = int(text)
+        value = kind(text)
     except ValueError:
-        msg = f"expected a positive integer, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if value < 1:
-        msg = f"expected a positive integer, got {value}"
+        value = None
+    if value is None or not 0 < value < math.inf:
+        shown = value if kind is int and value is not None else repr(text)
+        msg = f"expected a positive {what}, got {shown}"
         raise argparse.ArgumentTypeError(msg)
     return value
+
+
+def _positive_int(text: str) -> int:
+    return int(_positive(text, int, "integer"))
 
 
 def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        msg = f"expected a positive number, got {text!r}"
-        raise argparse.ArgumentTypeError(msg) from None
-    if not 0 < value < math.inf:
-        msg = f"expected a positive number, got {text!r}"
-        raise argparse.ArgumentTypeError(msg)
-    return value
+    return float(_positive(text, float, "number"))
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +242,15 @@ def _bench(args: argparse.Namespace) -> int:
 # the parser and main
 
 
+def _device_option(parser: argparse.ArgumentParser, help: str) -> None:
+    parser.add_argument("--device", choices=devices.CHOICES, default="auto", help=help)
+
+
+def _command(sub, name: str, help: str, *description: str) -> argparse.ArgumentParser:
+    """A subcommand: ``help`` for the command list, ``description`` (joined) for its --help."""
+    return sub.add_parser(name, help=help, description="".join(description))
+
+
 def _parser() -> argparse.ArgumentParser:
     from .. import __version__
     from .demo import DTYPES
@@ -256,22 +262,16 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    demo = sub.add_parser(
+    demo = _command(
+        sub,
         "demo",
-        help="forward, backward and gradient checks on a real batch on the best device",
-        description=(
-            "Run softmax and log_softmax forward and backward on a (rows, classes) batch of "
-            "classifier logits on the best device present, compare with a float64 reference, "
-            "check the gradients with finite differences and time each function. "
-            "Exit status 0 when every check passes, 1 otherwise."
-        ),
+        "forward, backward and gradient checks on a real batch on the best device",
+        "Run softmax and log_softmax forward and backward on a (rows, classes) batch of "
+        "classifier logits on the best device present, compare with a float64 reference, "
+        "check the gradients with finite differences and time each function. "
+        "Exit status 0 when every check passes, 1 otherwise.",
     )
-    demo.add_argument(
-        "--device",
-        choices=("auto", "cpu", "gpu"),
-        default="auto",
-        help="auto (default): CuPy's GPU when one is present, else NumPy on the CPU",
-    )
+    _device_option(demo, "auto (default): CuPy's GPU when one is present, else NumPy on the CPU")
     demo.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="default float32")
     demo.add_argument("--rows", type=_positive_int, default=4096, help="default 4096")
     demo.add_argument("--classes", type=_positive_int, default=1000, help="default 1000")
@@ -279,16 +279,15 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--seed", type=int, default=0, help="seed of the synthetic data")
     demo.set_defaults(func=_demo)
 
-    run = sub.add_parser(
+    run = _command(
+        sub,
         "run",
-        help="softmax, log_softmax, their backward or cross_entropy on .npy files, in bounded "
+        "softmax, log_softmax, their backward or cross_entropy on .npy files, in bounded "
         "memory, on the CPU, a GPU or a Dask cluster",
-        description=(
-            "Apply OP to .npy files and write the result to OUTPUT (.npy). Inputs are "
-            "memory-mapped and processed in blocks of whole softmax lines, so memory stays "
-            "bounded whatever the file size. The output is written to a temporary file beside "
-            "OUTPUT and renamed when complete: an error or Ctrl-C never leaves a partial OUTPUT."
-        ),
+        "Apply OP to .npy files and write the result to OUTPUT (.npy). Inputs are "
+        "memory-mapped and processed in blocks of whole softmax lines, so memory stays "
+        "bounded whatever the file size. The output is written to a temporary file beside "
+        "OUTPUT and renamed when complete: an error or Ctrl-C never leaves a partial OUTPUT.",
     )
     run.add_argument(
         "op",
@@ -304,12 +303,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--where", metavar="MASK", help="boolean .npy mask, broadcastable to the inputs"
     )
-    run.add_argument(
-        "--device",
-        choices=("auto", "cpu", "gpu"),
-        default="auto",
-        help="auto (default): CuPy's GPU when one is present, else NumPy on the CPU",
-    )
+    _device_option(run, "auto (default): CuPy's GPU when one is present, else NumPy on the CPU")
     run.add_argument(
         "--batch-mb",
         type=_positive_float,
@@ -334,15 +328,14 @@ def _parser() -> argparse.ArgumentParser:
     )
     run.set_defaults(func=_run)
 
-    bench = sub.add_parser(
+    bench = _command(
+        sub,
         "bench",
-        help="a short benchmark of softmax and its backward on this machine",
-        description=(
-            "Time softmax and softmax_backward (float32, last axis) at two shapes against the "
-            "plain formula and scipy.special.softmax (when installed) with NumPy, and against "
-            "the formula with CuPy when a GPU is present; check every result against float64. "
-            "Exit status 1 when a result is wrong."
-        ),
+        "a short benchmark of softmax and its backward on this machine",
+        "Time softmax and softmax_backward (float32, last axis) at two shapes against the "
+        "plain formula and scipy.special.softmax (when installed) with NumPy, and against "
+        "the formula with CuPy when a GPU is present; check every result against float64. "
+        "Exit status 1 when a result is wrong.",
     )
     bench.add_argument(
         "--elements",
@@ -352,22 +345,16 @@ def _parser() -> argparse.ArgumentParser:
         help="elements of each input array (default 4194304, 16 MiB of float32)",
     )
     bench.add_argument("--repeat", type=_positive_int, default=5, help="timed runs (default 5)")
-    bench.add_argument(
-        "--device",
-        choices=("auto", "cpu", "gpu"),
-        default="auto",
-        help="auto (default): the CPU, and the GPU when one is present",
-    )
+    _device_option(bench, "auto (default): the CPU, and the GPU when one is present")
     bench.set_defaults(func=_bench)
 
-    info = sub.add_parser(
+    info = _command(
+        sub,
         "info",
-        help="versions, CUDA devices, nvcc, kernel mode, CPUs",
-        description=(
-            "Print the package version, the versions of the array libraries installed (found "
-            "from their metadata, without importing them), the CUDA devices CuPy sees, whether "
-            "nvcc is on PATH, the kernel mode and the CPU count."
-        ),
+        "versions, CUDA devices, nvcc, kernel mode, CPUs",
+        "Print the package version, the versions of the array libraries installed (found "
+        "from their metadata, without importing them), the CUDA devices CuPy sees, whether "
+        "nvcc is on PATH, the kernel mode and the CPU count.",
     )
     info.set_defaults(func=_info)
 
