@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import importlib.util
 import math
 import os
 import shutil
@@ -131,7 +130,7 @@ def _versions() -> list[tuple[str, str]]:
 
 def _cuda_devices() -> str:
     """The CUDA devices CuPy sees, without importing CuPy when it is not installed."""
-    if "cupy" not in sys.modules and importlib.util.find_spec("cupy") is None:
+    if not devices.cupy_installed():
         return "unknown (CuPy is not installed)"
     try:
         import cupy

@@ -18,6 +18,7 @@ __all__ = [
     "NoGPUError",
     "available_cpus",
     "cpu_summary",
+    "cupy_installed",
     "cupy_with_gpu",
     "device_name",
     "gpu_name",
@@ -31,9 +32,14 @@ class NoGPUError(RuntimeError):
     """``--device gpu`` on a machine where CuPy is missing or sees no GPU."""
 
 
+def cupy_installed() -> bool:
+    """Whether CuPy is imported or importable (found without importing it)."""
+    return "cupy" in sys.modules or importlib.util.find_spec("cupy") is not None
+
+
 def cupy_with_gpu() -> Any | None:
     """The cupy module when it is installed and sees a CUDA device, else None."""
-    if "cupy" not in sys.modules and importlib.util.find_spec("cupy") is None:
+    if not cupy_installed():
         return None
     try:
         import cupy

@@ -201,7 +201,7 @@ def _launch_split(direction, dtype, ptrs, rows, n, vec) -> None:
     cp = _cp()
     chunk, C = split_chunks(n, dtype)
     items = rows * C
-    acc = np.float64 if dtype == "float64" else np.float32
+    acc = np.dtype(_dtypes.TABLE[dtype].compute)  # the partials: the compute dtype
     part = cp.empty(items * (2 if direction == "fwd" else 1), dtype=acc)
     # ptrs = (inputs..., out, ld_out, mask ptr, mask strides, rows, n, flag).
     n_in = 1 if direction == "fwd" else 2

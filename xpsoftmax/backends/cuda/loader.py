@@ -85,7 +85,7 @@ def source_path(filename: str) -> Path:
 
     Examples
     --------
-    >>> from xpsoftmax import _kernels
+    >>> from xpsoftmax.backends.cuda import loader as _kernels
     >>> _kernels.source_path("softmax.cu").name
     'softmax.cu'
     """
@@ -120,7 +120,7 @@ def source(filename: str) -> str:
 
     Examples
     --------
-    >>> from xpsoftmax import _kernels
+    >>> from xpsoftmax.backends.cuda import loader as _kernels
     >>> _kernels.source("softmax.cu").startswith('#line 1 "')
     True
     """
@@ -181,7 +181,7 @@ def get_function(filename: str, name: str) -> Any:
 
     Examples
     --------
-    >>> from xpsoftmax import _kernels
+    >>> from xpsoftmax.backends.cuda import loader as _kernels
     >>> scale = _kernels.get_function("softmax.cu", "xps_fwd_block<float, 256>")  # doctest: +SKIP
     """
     names = SOURCES.get(filename)
@@ -242,7 +242,7 @@ def max_dynamic_smem(device: int | None = None) -> int:
 
     Examples
     --------
-    >>> from xpsoftmax import _kernels
+    >>> from xpsoftmax.backends.cuda import loader as _kernels
     >>> _kernels.max_dynamic_smem() >= 48 * 1024  # doctest: +SKIP
     True
     """
@@ -283,7 +283,7 @@ def set_max_dynamic_smem(kernel: Any, nbytes: int) -> None:
 
     Examples
     --------
-    >>> from xpsoftmax import _kernels
+    >>> from xpsoftmax.backends.cuda import loader as _kernels
     >>> k = _kernels.get_function("softmax.cu", "xps_fwd_block<float, 256>")  # doctest: +SKIP
     >>> _kernels.set_max_dynamic_smem(k, 100 * 1024)  # doctest: +SKIP
     """
@@ -335,7 +335,7 @@ def occupancy_grid(kernel: Any, block: int, smem: int = 0) -> int:
 
     Examples
     --------
-    >>> from xpsoftmax import _kernels
+    >>> from xpsoftmax.backends.cuda import loader as _kernels
     >>> k = _kernels.get_function("softmax.cu", "xps_fwd_block<float, 256>")  # doctest: +SKIP
     >>> _kernels.occupancy_grid(k, 256) % 132  # on an H100 SXM  # doctest: +SKIP
     0

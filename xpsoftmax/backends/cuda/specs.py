@@ -7,12 +7,12 @@ can use it on a machine with only ``nvcc``. ``loader`` compiles the same lists a
 
 from __future__ import annotations
 
-#: CUDA C++ type name of each supported NumPy dtype name.
-CTYPES = {"float16": "__half", "float32": "float", "float64": "double"}
+from ..._dtypes import TABLE
 
-
+#: CUDA C++ type name of each dtype the kernels take (from ``_dtypes.TABLE``).
+CTYPES = {name: d.ctype for name, d in TABLE.items()}
 #: Elements in one 16-byte pack.
-VEC = {"float16": 8, "float32": 4, "float64": 2}
+VEC = {name: d.vec for name, d in TABLE.items()}
 
 #: Warp tier: threads per row for short rows (one pack a lane), and packs a lane at 32 lanes a row.
 WARP_LANES = (1, 2, 4, 8, 16)
@@ -26,7 +26,7 @@ BLOCK_SIZES = (256, 512, 1024)
 
 #: dtypes whose unmasked rows take the ``*_plain`` kernels (no per-element tests). float64 keeps
 #: the masked kernels for every row: its plain 512-element warp rows spill (software exp).
-PLAIN_DTYPES = ("float16", "float32")
+PLAIN_DTYPES = tuple(name for name, d in TABLE.items() if d.plain)
 
 
 def warp_name(direction: str, dtype: str, lanes: int, packs: int, masked: bool = True) -> str:

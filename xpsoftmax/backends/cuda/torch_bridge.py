@@ -175,7 +175,7 @@ def _rowsum(v: Tensor, axes: Axes) -> Tensor:
 
 
 def _upcast(*ts: Tensor) -> tuple[Tensor, ...]:
-    return tuple(t.float() if t.dtype == torch.float16 else t for t in ts)
+    return tuple(t.to(_dtypes.compute_dtype(torch, t.dtype)) for t in ts)
 
 
 def _vjp_grad_y(y: Tensor, g: Tensor, h: Tensor, axes: Axes, mask: Tensor | None, log: bool):
