@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import scipy.special
 import torch
-from _helpers import has_gpu
+from _helpers import has_gpu, ref_softmax
 
 from xpsoftmax.tools import cli, devices
 from xpsoftmax.tools.batch import dask as _batch_dask
@@ -468,6 +468,29 @@ def _gpu_inputs(tmp_path, op, shape, axis, fortran, mask):
     return paths, extra
 
 
+def _independent(op: str, paths: list[str], extra: list[str]) -> np.ndarray:
+    """The expected output of ``run op paths extra``, in float64 from the input files: the
+    specification's softmax (``ref_softmax``) and the VJP and loss formulas written out here."""
+    axis = int(extra[extra.index("--axis") + 1])
+    arrays = [np.load(p) for p in paths]
+    x = arrays[0].astype(np.float64)
+    m = np.ones(x.shape, bool)
+    if "--where" in extra:
+        m = np.broadcast_to(np.load(extra[extra.index("--where") + 1]), x.shape)
+    if op in ("softmax", "log_softmax"):
+        return ref_softmax(x, axis, where=m, log=op == "log_softmax")
+    if op == "cross_entropy":
+        ly = ref_softmax(x, axis, where=m, log=True)
+        t = np.expand_dims(arrays[1], axis)
+        return -np.take_along_axis(ly, t, axis=axis).squeeze(axis)
+    g = np.where(m, arrays[1].astype(np.float64), 0.0)
+    if op == "softmax_backward":
+        r = x * (g - np.sum(x * g, axis=axis, keepdims=True))
+    else:
+        r = g - np.exp(x) * np.sum(g, axis=axis, keepdims=True)
+    return np.where(m, r, 0.0)
+
+
 @pytest.mark.parametrize(("op", "shape", "axis", "fortran", "mask", "mb"), GPU_CASES)
 def test_gpu_loop_on_a_stand_in_matches_the_cpu(
     op, shape, axis, fortran, mask, mb, tmp_path, capsys, monkeypatch
@@ -488,6 +511,7 @@ def test_gpu_loop_on_a_stand_in_matches_the_cpu(
     # The stand-in's device buffers are an ndarray subclass, which takes xpsoftmax's generic
     # code rather than the NumPy fast path: equal to rounding, not byte for byte.
     np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(result, _independent(op, paths, extra), rtol=2e-5, atol=2e-6)
     # Two slots, each with device and pinned buffers; both fit in --batch-mb.
     job = _batch.open_job(_batch.Spec(op, tuple(paths), batch_bytes=int(float(mb) * 2**20)))
     assert len(fake.streams) == 2
@@ -612,6 +636,7 @@ def test_dask_matches_one_process_byte_for_byte(
     assert tasks and int(tasks[1]) >= 4, out
     assert "row/s" in err  # the progress bar
     assert one.read_bytes() == many.read_bytes()
+    np.testing.assert_allclose(np.load(many), _independent(op, paths, extra), rtol=2e-5, atol=2e-6)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 

@@ -30,7 +30,7 @@ def _last_line(text: str) -> str:
 def _check_training(proc: subprocess.CompletedProcess) -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "Softmax layer VJP (check_vjp): passed" in proc.stdout
-    assert "== fused cross_entropy_backward: passed" in proc.stdout
+    assert "== fused cross_entropy_backward == (softmax - onehot) / batch: passed" in proc.stdout
     m = re.fullmatch(r"test accuracy: (0\.\d{4}|1\.0000)", _last_line(proc.stdout))
     assert m, proc.stdout
     assert float(m[1]) >= 0.95, proc.stdout

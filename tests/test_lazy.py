@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import scipy.special
 import torch
-from _helpers import backend_of, ref_softmax, torch_softmax, xp_assert_close
+from _helpers import backend_of, jax_softmax, ref_softmax, torch_softmax, xp_assert_close
 
 import xpsoftmax
 
@@ -47,18 +47,56 @@ def _calls(y, g, axis, mask):
 # Dask
 
 
+def _jax_references(x, g, axis, mask):
+    """Float64 references by JAX: forward outputs, and the VJP and JVP (tangent ``g``) at ``x``
+    of ``jax.nn.softmax`` / ``log_softmax`` with ``where`` (masked entries 0 / -inf, gradient 0)."""
+    refs = {}
+    for log, name in ((False, "softmax"), (True, "log_softmax")):
+
+        def f(a, log=log):
+            return jax_softmax(a, axis, where=mask, log=log)
+
+        y, vjp_fn = jax.vjp(f, jnp.asarray(x))
+        _, tangent = jax.jvp(f, (jnp.asarray(x),), (jnp.asarray(g),))
+        refs[name] = np.asarray(y)
+        refs[f"{name}_backward"] = np.asarray(vjp_fn(jnp.asarray(g))[0])
+        refs[f"{name}_jvp"] = np.asarray(tangent)
+    return refs
+
+
+def _jacobian_reference(y, axis):
+    """``dsoftmax_i / dx_j = y_i (delta_ij - y_j)`` over ``axis`` moved last, in float64."""
+    yr = np.moveaxis(y, axis, -1)
+    return yr[..., :, None] * (np.eye(yr.shape[-1]) - yr[..., None, :])
+
+
 @pytest.mark.parametrize(
     ("axis", "masked"), [(-1, False), (1, True), ((0, 2), True), (None, False)]
 )
 def test_dask_stays_lazy(axis, masked, rng):
     x = rng.standard_normal(SHAPE)
-    y = da.from_array(x, chunks=CHUNKS)
-    g = da.from_array(rng.standard_normal(SHAPE), chunks=(3, 2, 5))
-    mask = da.from_array(rng.random(SHAPE) < 0.7, chunks=(6, 1, 10)) if masked else None
+    g = rng.standard_normal(SHAPE)
+    mask = None
+    if masked:
+        mask = rng.random(SHAPE) < 0.7
+        mask[0], mask[:, 0], mask[:, :, 0] = True, True, True  # no fully masked row
+    refs = _jax_references(x, g, axis, mask)
+    dg = da.from_array(g, chunks=(3, 2, 5))
+    dmask = None if mask is None else da.from_array(mask, chunks=(6, 1, 10))
+    # The backward and JVP take the forward outputs (as Dask arrays split like x).
+    outputs = {
+        name: da.from_array(refs[name], chunks=CHUNKS) for name in ("softmax", "log_softmax")
+    }
+    dx = da.from_array(x, chunks=CHUNKS)
     with dask.config.set(scheduler=_refuse_compute):
-        results = {name: call() for name, call in _calls(y, g, axis, mask).items()}
+        results = {}
+        for name, call in _calls(dx, dg, axis, dmask).items():
+            if name not in ("softmax", "log_softmax"):
+                forward = "log_softmax" if name.startswith("log") else "softmax"
+                call = _calls(outputs[forward], dg, axis, dmask)[name]
+            results[name] = call()
         if not isinstance(axis, tuple) and axis is not None:  # (several axes: see below)
-            results["softmax_jacobian"] = xpsoftmax.softmax_jacobian(y, axis=axis)
+            results["softmax_jacobian"] = xpsoftmax.softmax_jacobian(outputs["softmax"], axis=axis)
     for name, r in results.items():
         assert isinstance(r, da.Array), name
     # One compute of everything, with a scheduler that counts its calls.
@@ -72,8 +110,11 @@ def test_dask_stays_lazy(axis, masked, rng):
     with dask.config.set(scheduler=counting_get):
         (computed,) = dask.compute(results)
     assert count == 1
-    expected = ref_softmax(x, axis, where=None if mask is None else mask.compute())
-    np.testing.assert_allclose(computed["softmax"], expected, rtol=1e-12, atol=1e-15)
+    if "softmax_jacobian" in results:
+        refs["softmax_jacobian"] = _jacobian_reference(refs["softmax"], axis)
+    assert set(computed) == set(refs) & set(results)
+    for name, value in computed.items():
+        np.testing.assert_allclose(value, refs[name], rtol=1e-11, atol=1e-14, err_msg=name)
 
 
 @pytest.mark.parametrize("chunks", [CHUNKS, (1, 4, 3)])
@@ -114,6 +155,9 @@ def test_dask_unknown_chunk_sizes_with_where(rng):
     y = xpsoftmax.log_softmax(u, where=u > 0)
     dx = xpsoftmax.log_softmax_backward(y, u, where=u > 0)
     np.testing.assert_allclose(y.compute(), ref_softmax(x, where=x > 0, log=True), rtol=1e-12)
+    _, vjp_fn = jax.vjp(lambda a: jax_softmax(a, -1, where=x > 0, log=True), jnp.asarray(x))
+    expected = np.asarray(vjp_fn(jnp.asarray(x))[0])  # the cotangent is u itself
+    np.testing.assert_allclose(dx.compute(), expected, rtol=1e-12, atol=1e-15)
     assert np.all(dx.compute()[x <= 0] == 0.0)
 
 
@@ -202,13 +246,14 @@ def test_jax_jit_jacobian_and_scalar_where(rng):
     xp_assert_close(f(jnp.asarray(3 * x)), jnp.asarray(scipy.special.log_softmax(xi, axis=-1)))
 
 
-def test_jax_grad_through_jitted_forward_matches_backward(rng):
-    # jax.grad through our generic forward agrees with our backward (both checked against
-    # torch above); this ties the traced path to the VJP on the same inputs.
-    x = jnp.asarray(rng.standard_normal((4, 6)))
-    g = jnp.asarray(rng.standard_normal((4, 6)))
+def test_jax_grad_through_jitted_forward_matches_torch(rng):
+    # jax.grad through our jitted generic forward, and our backward, against torch autograd.
+    x0, g0 = rng.standard_normal((4, 6)), rng.standard_normal((4, 6))
+    x, g = jnp.asarray(x0), jnp.asarray(g0)
     auto = jax.grad(lambda a: jnp.sum(jax.jit(xpsoftmax.softmax)(a) * g))(x)
-    xp_assert_close(auto, xpsoftmax.softmax_backward(xpsoftmax.softmax(x), g))
+    _, expected = _torch_vjp(x0, g0, -1, False)
+    xp_assert_close(auto, jnp.asarray(expected))
+    xp_assert_close(xpsoftmax.softmax_backward(xpsoftmax.softmax(x), g), jnp.asarray(expected))
 
 
 @pytest.mark.parametrize("op", ["softmax", "log_softmax", "softmax_backward", "softmax_jvp"])

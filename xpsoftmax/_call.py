@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from . import _compat, _config
+from ._dtypes import TABLE
 
 Array = Any
 Axis = int | tuple[int, ...] | None
@@ -240,8 +241,8 @@ def same_namespace(xp: Any, a: Array, a_name: str, b: Array, b_name: str) -> Arr
     return b
 
 
-# NumPy/CuPy float dtypes, checked first: xp.isdtype is slow and this runs on every call.
-_NP_FLOATS = frozenset(np.dtype(t) for t in ("float16", "float32", "float64"))
+# The table's NumPy/CuPy dtypes, checked first: xp.isdtype is slow and this runs on every call.
+_NP_FLOATS = frozenset(np.dtype(name) for name in TABLE)
 
 
 def float_dtype(xp: Any, x: Array, name: str) -> Any:
