@@ -131,6 +131,24 @@ def _workers_ignore_sigint() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+@contextlib.contextmanager
+def _quiet_event_loop() -> Iterator[None]:
+    """Keep the event loop's error log (tornado, asyncio) out of the terminal during the run.
+
+    On Ctrl-C, distributed's ``sync`` schedules a ``cancel`` callback that can fail inside the
+    loop thread (a NameError in distributed 2026.8's ``utils.sync``), which tornado logs with a
+    traceback; the command reports the interruption in one line instead. The levels come back
+    after a normal run; after an interruption the process is ending, so they stay raised.
+    """
+    loggers = [logging.getLogger(name) for name in ("tornado.application", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    yield
+    for lg, level in zip(loggers, levels, strict=True):
+        lg.setLevel(level)
+
+
 def _local_cluster(cls: Any, workers: int) -> Any:
     return cls(
         n_workers=workers,
@@ -156,6 +174,7 @@ def run(job: Job, part: str, cluster: Cluster, advance: Callable[[int], None]) -
     where = None if job.spec.where is None else os.path.abspath(job.spec.where)
     spec = dataclasses.replace(job.spec, inputs=inputs, where=where)
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet_event_loop())
         if cluster.address is None:
             with _workers_ignore_sigint():
                 local = _local_cluster(LocalCluster, cluster.workers)
