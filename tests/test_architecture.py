@@ -50,3 +50,16 @@ def test_import_loads_no_tool_backend_or_framework():
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True
     )
     assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
+def test_every_subpackage_ships_in_the_wheel():
+    """``[tool.setuptools] packages`` lists every package folder (or the wheel would lack it)."""
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads TOML")
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    listed = set(config["tool"]["setuptools"]["packages"]) - {"xpsoftmax.kernels"}
+    found = {
+        ".".join(init.parent.relative_to(ROOT).parts)
+        for init in (ROOT / "xpsoftmax").rglob("__init__.py")
+    }
+    assert listed == found
