@@ -28,6 +28,7 @@ import pytest
 __all__ = [
     "Backend",
     "backend_of",
+    "spy_kernels",
     "dtype_name",
     "move_axes_last",
     "ref_softmax",
@@ -335,3 +336,20 @@ def backend_of(*arrays: Any, axis: Any = "default", where: Any = None) -> str:
     names = ("x",) if len(arrays) == 1 else ("y", "dy")
     call = _call.make_call(op, tuple(zip(arrays, names, strict=True)), axis, where, None)
     return backends.select(call)[0]
+
+
+def spy_kernels(monkeypatch: Any, source: str) -> list[str]:
+    """The names of the kernels of ``source`` (such as ``"cross_entropy.cu"``) that the loader
+    hands out while the test runs, in order (one entry per launch)."""
+    from xpsoftmax.backends.cuda import loader
+
+    calls: list[str] = []
+    original = loader.get_function
+
+    def spy(filename: str, name: str) -> Any:
+        if filename == source:
+            calls.append(name)
+        return original(filename, name)
+
+    monkeypatch.setattr(loader, "get_function", spy)
+    return calls

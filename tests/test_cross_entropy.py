@@ -16,7 +16,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from _helpers import Backend, ref_softmax, to_numpy, xp_assert_close, xp_assert_equal
+from _helpers import (
+    Backend,
+    ref_softmax,
+    spy_kernels,
+    to_numpy,
+    xp_assert_close,
+    xp_assert_equal,
+)
 
 import xpsoftmax
 
@@ -449,18 +456,7 @@ def _cupy():
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Names of the cross-entropy kernels fetched through the loader during the test."""
-    from xpsoftmax.backends.cuda import loader as _kernels
-
-    calls = []
-    original = _kernels.get_function
-
-    def spy(filename, name):
-        if filename == "cross_entropy.cu":
-            calls.append(name)
-        return original(filename, name)
-
-    monkeypatch.setattr(_kernels, "get_function", spy)
-    return calls
+    return spy_kernels(monkeypatch, "cross_entropy.cu")
 
 
 def _both_paths(func, *args, **kwargs):

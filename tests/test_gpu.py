@@ -36,6 +36,7 @@ import zlib
 from typing import Any
 
 import pytest
+from _helpers import spy_kernels
 
 import xpsoftmax
 from xpsoftmax import _compat
@@ -809,18 +810,7 @@ def test_torch_expanded_gradient():
 @pytest.fixture
 def xent_kernels(monkeypatch):
     """Names of the cross-entropy kernels fetched through the loader during the test."""
-    from xpsoftmax.backends.cuda import loader
-
-    calls: list[str] = []
-    original = loader.get_function
-
-    def spy(filename, name):
-        if filename == "cross_entropy.cu":
-            calls.append(name)
-        return original(filename, name)
-
-    monkeypatch.setattr(loader, "get_function", spy)
-    return calls
+    return spy_kernels(monkeypatch, "cross_entropy.cu")
 
 
 def _xent_case(torch, dtype: str, device: str, seed: int):
