@@ -107,6 +107,8 @@ class Call:
         """The first array: the input of a forward pass, the forward output otherwise."""
         return self.arrays[0]
 
+    lead = x  # the array whose type picks the backend (``XentCall.lead`` is its input)
+
     def derive(self, **changes: Any) -> Call:
         """This call with some fields replaced (a sub-operation, or one block of a Dask array).
 
@@ -176,6 +178,11 @@ class XentCall:
         """The input in the compute dtype (the generic path's; the kernels read ``x_in``)."""
         x = self.x_in
         return x if x.dtype == self.ctype else self.xp.astype(x, self.ctype)
+
+    @property
+    def lead(self) -> Array:
+        """The array whose type picks the backend: the input as given."""
+        return self.x_in
 
     @property
     def n_classes(self) -> int:

@@ -7,6 +7,9 @@ at ``sys.modules`` and never import a framework the caller has not imported.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 import array_api_compat
 from array_api_compat import (
     array_namespace,
@@ -24,6 +27,7 @@ from array_api_compat import (
 __all__ = [
     "array_api_compat",
     "array_namespace",
+    "cupy_installed",
     "device",
     "is_array_api_obj",
     "is_array_api_strict_namespace",
@@ -53,3 +57,8 @@ def is_writeable_array(x: object) -> bool:
     if is_numpy_array(x):
         return bool(x.flags.writeable)  # type: ignore[attr-defined]
     return True
+
+
+def cupy_installed() -> bool:
+    """Whether CuPy can be imported (without importing it when it has not been yet)."""
+    return "cupy" in sys.modules or importlib.util.find_spec("cupy") is not None

@@ -58,8 +58,11 @@ _NP_COMPUTE = {np.dtype(d.name): np.dtype(d.compute) for d in TABLE.values()}
 
 
 def kernel_dtype(dtype: Any) -> DType | None:
-    """The table row of a NumPy/CuPy dtype, or None when the kernels do not take it."""
-    return _BY_CHAR.get(getattr(dtype, "char", None))  # type: ignore[arg-type]
+    """The table row of a NumPy/CuPy dtype (by ``dtype.char``, cheap) or of another library's
+    dtype (by name: ``torch.float32``), or None when the kernels do not take it."""
+    if isinstance(dtype, np.dtype):
+        return _BY_CHAR.get(dtype.char)
+    return TABLE.get(str(dtype).rsplit(".", 1)[-1])
 
 
 def np_compute_dtype(dtype: np.dtype) -> np.dtype:

@@ -71,7 +71,7 @@ def _module(path: str) -> ModuleType:
 
 def select(call: Call | XentCall) -> tuple[str, Backend]:
     """The name and module of the backend that runs ``call``."""
-    x = call.x_in if isinstance(call, XentCall) else call.arrays[0]
+    x = call.lead
     for name, path, kind in REGISTRY:
         if kind is None or getattr(_compat, kind)(x):
             backend = _module(path)

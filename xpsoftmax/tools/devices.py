@@ -7,11 +7,10 @@ thread pool uses too).
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 from typing import Any
 
+from .._compat import cupy_installed
 from .._config import available_cpus
 
 __all__ = [
@@ -30,11 +29,6 @@ CHOICES = ("auto", "cpu", "gpu")
 
 class NoGPUError(RuntimeError):
     """``--device gpu`` on a machine where CuPy is missing or sees no GPU."""
-
-
-def cupy_installed() -> bool:
-    """Whether CuPy is imported or importable (found without importing it)."""
-    return "cupy" in sys.modules or importlib.util.find_spec("cupy") is not None
 
 
 def cupy_with_gpu() -> Any | None:

@@ -41,12 +41,15 @@ _OP_SOFTMAX, _OP_LOG_VJP, _OP_LOG_JVP = 0, 1, 2
 
 
 def kernel_dtype(dtype: Any, mode: str) -> bool:
-    """Whether the kernels take ``dtype`` (float16/32/64); under ``"always"`` another dtype is a
-    ``TypeError`` instead of False."""
+    """Whether the kernels take ``dtype`` (float16/32/64, of CuPy or torch); under ``"always"``
+    another dtype is a ``TypeError`` instead of False."""
     if _dtypes.kernel_dtype(dtype) is not None:
         return True
     if mode == "always":
-        msg = f"XPSOFTMAX_KERNELS=always, but the kernels take float16/32/64, not {dtype}"
+        msg = (
+            f"XPSOFTMAX_KERNELS=always, but the kernels take float16/32/64, not {dtype}; use "
+            "kernels('auto') to send it to the generic path"
+        )
         raise TypeError(msg)
     return False
 
@@ -58,7 +61,8 @@ def xent_takes(call: XentCall) -> bool:
 
 
 def takes(call: Call | XentCall) -> bool:
-    """Calls on CuPy arrays of the kernels' dtypes, unless the kernel mode is ``"never"``."""
+    """Calls of the kernels' dtypes that the kernels cover, unless the kernel mode is
+    ``"never"`` (the torch bridge asks the same for CUDA tensors)."""
     if call.mode == "never":
         return False
     if isinstance(call, XentCall):
@@ -68,8 +72,7 @@ def takes(call: Call | XentCall) -> bool:
 
 def run(call: Call | XentCall) -> Any:
     """The call on the fused kernels, on the device of its input."""
-    x = call.x_in if isinstance(call, XentCall) else call.x
-    with _cp().cuda.Device(x.device.id):
+    with _cp().cuda.Device(call.lead.device.id):
         if isinstance(call, XentCall):
             return _xent(call)
         kind, log = call.op.kind, call.op.log

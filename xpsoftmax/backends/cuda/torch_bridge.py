@@ -25,8 +25,6 @@ and an input requires grad.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
-import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,7 +37,6 @@ from ..._call import (
     LOG_SOFTMAX,
     LOG_SOFTMAX_JVP,
     LOG_SOFTMAX_VJP,
-    ROW_KINDS,
     SOFTMAX,
     SOFTMAX_JVP,
     SOFTMAX_VJP,
@@ -48,40 +45,22 @@ from ..._call import (
     XentCall,
     finish,
 )
+from ..._compat import cupy_installed as _cupy_importable
+from . import launch
 
 __all__ = ["run", "takes"]
 
 Tensor = torch.Tensor
 Axes = tuple[int, ...]
 
-_DTYPES = tuple(getattr(torch, name) for name in _dtypes.TABLE)
-
-
-def _cupy_importable() -> bool:
-    return "cupy" in sys.modules or importlib.util.find_spec("cupy") is not None
-
-
-def _kernel_dtype(dtype: torch.dtype, mode: str) -> bool:
-    if dtype in _DTYPES:
-        return True
-    if mode == "always":
-        msg = (
-            "XPSOFTMAX_KERNELS=always, but the CUDA kernels take float16, float32 and float64 "
-            f"tensors, got dtype {dtype}; use kernels('auto') to send it to the generic path"
-        )
-        raise TypeError(msg)
-    return False
-
 
 def takes(call: Call | XentCall) -> bool:
-    """Whether the kernels take the call on CUDA tensors: CuPy installed, a kernel dtype, and
-    (for cross-entropy) the form the fused kernels cover; never under ``"never"``.
+    """Whether the kernels take the call on CUDA tensors: CuPy installed, and what the CuPy
+    backend takes (a kernel dtype, a form the kernels cover; never under ``"never"``).
 
     Under ``"always"`` a missing CuPy raises ``RuntimeError`` and another dtype ``TypeError``.
     """
-    if call.mode == "never":
-        return False
-    if not _cupy_importable():
+    if call.mode != "never" and not _cupy_importable():
         if call.mode == "always":
             msg = (
                 f"{_config.KERNELS_ENV}=always but CuPy is not installed, so the kernels cannot "
@@ -89,11 +68,7 @@ def takes(call: Call | XentCall) -> bool:
             )
             raise RuntimeError(msg)
         return False
-    if isinstance(call, XentCall):
-        from .launch import xent_takes
-
-        return _kernel_dtype(call.x_in.dtype, call.mode) and xent_takes(call)
-    return call.op.kind in ROW_KINDS and _kernel_dtype(call.dtype, call.mode)
+    return launch.takes(call)
 
 
 # --------------------------------------------------------------------------------------------
@@ -145,8 +120,6 @@ def _launch(
 
     ``arrays`` is ``(x,)`` for the forward pass and ``(y, g)`` otherwise.
     """
-    from . import launch
-
     a = arrays[0]
     if out is None:
         out = torch.empty(a.shape, dtype=a.dtype, device=a.device)
@@ -293,13 +266,11 @@ def _rows(call: Call) -> Tensor:
 
 
 def _np_dtype(dtype: torch.dtype) -> np.dtype:
-    return np.dtype(str(dtype).removeprefix("torch."))
+    return np.dtype(_dtypes.kernel_dtype(dtype).name)  # only kernel dtypes get here
 
 
 def _xent_launch(p: XentCall, dloss: Tensor | float | None) -> Tensor:
     """The fused cross-entropy kernel (``p.op``) over CuPy views of ``p``'s tensors."""
-    from . import launch
-
     with _on_stream(p.x_in.device):
         x = _to_cupy(p.x_in)
         index = _to_cupy(p.index)
