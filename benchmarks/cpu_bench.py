@@ -272,7 +272,7 @@ def _cpu_model() -> str:
 
 def machine_info() -> dict:
     import xpsoftmax
-    from xpsoftmax._config import available_cpus
+    from xpsoftmax._config import available_cpus, num_threads
     from xpsoftmax.backends.numpy import blocked as _numpy
 
     torch = _torch()
@@ -288,7 +288,7 @@ def machine_info() -> dict:
         "scipy": None if special is None else __import__("scipy").__version__,
         "torch": None if torch is None else torch.__version__,
         "xpsoftmax": xpsoftmax.__version__,
-        "xpsoftmax_threads": _numpy.num_threads(),
+        "xpsoftmax_threads": num_threads(),
         "torch_threads": None if torch is None else torch.get_num_threads(),
     }
 
