@@ -24,6 +24,7 @@ from _helpers import has_gpu
 import xpsoftmax
 from xpsoftmax.tools import cli
 from xpsoftmax.tools import demo as _demo
+from xpsoftmax.tools.batch import files as _files
 
 ROOT = Path(__file__).resolve().parent.parent
 TIMEOUT = 180  # seconds for one subprocess; the demo takes a few seconds on 2 cores
@@ -739,22 +740,30 @@ def test_run_streams_a_large_file_in_bounded_anonymous_memory(big_input, tmp_pat
     out.unlink()  # 2 GiB: do not keep it among pytest's retained temporary folders
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("sig", _files.SIGNALS, ids=[s.name for s in _files.SIGNALS])
 def test_run_interrupted_leaves_no_output(sig, big_input, tmp_path):
+    """Every terminating signal a program can catch ends a run as Ctrl-C does: one line, status
+    128 + the signal's number (143 for SIGTERM), the folder as it was (the old output kept)."""
     path, _ = big_input
     out = tmp_path / "probs.npy"
-    proc = _start("run", "log_softmax", str(path), "-o", str(out), "--batch-mb", "1")
+    out.write_bytes(b"previous result")
+    argv = ["run", "log_softmax", str(path), "-o", str(out), "--batch-mb", "1", "--overwrite"]
+    proc = _start(*argv)
     _wait_for_part(tmp_path, proc)
     time.sleep(0.2)
     proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=TIMEOUT)
-    assert proc.returncode == 130, stderr
+    assert proc.returncode == 128 + sig, stderr
     assert stdout == ""
-    assert stderr == "xpsoftmax: error: interrupted\n"
-    assert _listing(tmp_path) == []  # no output, no temporary file
+    told = "interrupted" if sig == signal.SIGINT else f"interrupted by {sig.name}"
+    assert stderr == f"xpsoftmax: error: {told}\n"
+    assert _listing(tmp_path) == ["probs.npy"]  # no temporary file
+    assert out.read_bytes() == b"previous result"
 
 
-def test_run_killed_never_leaves_a_partial_output(big_input, tmp_path):
+def test_run_killed_never_leaves_a_partial_output_and_the_next_run_cleans_up(
+    big_input, tmp_path, capsys
+):
     path, _ = big_input
     out = tmp_path / "probs.npy"
     proc = _start("run", "softmax", str(path), "-o", str(out), "--batch-mb", "1")
@@ -764,6 +773,9 @@ def test_run_killed_never_leaves_a_partial_output(big_input, tmp_path):
     proc.communicate(timeout=TIMEOUT)
     assert proc.returncode == -signal.SIGKILL
     assert not out.exists()  # only the temporary file can be left, never a partial output
-    (part,) = tmp_path.iterdir()
-    assert part.name.startswith(".probs.npy.") and part.name.endswith(".part")
-    part.unlink()
+    assert _listing(tmp_path) == [".probs.npy.xpsoftmax.part"]  # recognizably this output's
+    # The next run to the same output reuses it (the killed run's lock died with it).
+    small = _save(tmp_path, "x.npy", np.zeros((2, 3)))
+    assert cli.main(["run", "softmax", small, "-o", str(out)]) == 0, capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out), np.full((2, 3), 1 / 3), rtol=1e-15)
+    assert _listing(tmp_path) == ["probs.npy", "x.npy"]

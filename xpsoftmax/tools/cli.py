@@ -19,16 +19,19 @@ status 2, never a traceback; set ``XPSOFTMAX_DEBUG=1`` to see the traceback of a
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.metadata
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
 from . import devices
+from .batch.files import Interrupted
 from .batch.job import OPS, BatchError, first_line
 
 __all__ = ["CommandError", "main"]
@@ -367,7 +370,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str) -> None:
-    print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # stderr may be gone (a closed terminal: SIGHUP)
+        print(f"{PROG}: error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -382,7 +386,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         0 on success, 1 when ``demo`` finds a failed check, 2 for a user error (one line on
-        stderr), 130 when interrupted.
+        stderr), 128 + the signal's number when interrupted (130 for Ctrl-C, 143 for SIGTERM).
 
     Examples
     --------
@@ -399,9 +403,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (CommandError, BatchError) as exc:
         _fail(str(exc))
         return 2
-    except KeyboardInterrupt:
-        _fail("interrupted")
-        return 130
+    except KeyboardInterrupt as exc:  # Ctrl-C, or another terminating signal during a run
+        signum = exc.signum if isinstance(exc, Interrupted) else signal.SIGINT
+        _fail("interrupted" if signum == signal.SIGINT else f"interrupted by {exc}")
+        return 128 + signum
     except Exception as exc:
         if os.environ.get("XPSOFTMAX_DEBUG"):
             raise

@@ -1,11 +1,12 @@
 """``xpsoftmax run --dask``: a job's rows as Dask tasks that write their own part of the output.
 
 The main process checks the inputs and creates the temporary output file (header and size);
-then each task, on a worker, opens the inputs again as memory maps, opens the temporary file
-with :func:`numpy.lib.format.open_memmap`, computes its box of whole softmax lines and writes
-it there. Boxes are disjoint, so no locking is needed; the main process renames the file when
-every task is done (``job.write_npy_atomically``). A worker computes on its GPU when it has
-one (with ``--device auto``; one worker per GPU, as dask-cuda sets up), with NumPy otherwise.
+then each task, on a worker, opens the inputs and the temporary file again (``files.py``: read
+and written with ``pread``/``pwrite``), computes its box of whole softmax lines and writes it
+there. Boxes are disjoint, so no locking is needed; the main process checks that no input
+changed and publishes the file when every task is done (``files.Output``). A worker computes
+on its GPU when it has one (with ``--device auto``; one worker per GPU, as dask-cuda sets up),
+with NumPy otherwise.
 
 The paths must mean the same file on every worker: the local disk for ``--dask local[:N]``, a
 shared file system for a remote scheduler.
@@ -24,8 +25,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-
 from .. import devices
 from . import gpu as batch_gpu
 from . import job as job_
@@ -39,6 +38,7 @@ from .job import (
     cpu_budget,
     first_line,
     open_job,
+    open_npy,
     run_cpu,
 )
 
@@ -91,13 +91,13 @@ def run_task(spec: Spec, part: str, box: Box) -> tuple[int, str]:
     Returns the number of softmax lines written and the device that computed them.
     """
     job = open_job(spec)
-    out = np.lib.format.open_memmap(part, mode="r+")
+    out = open_npy(part, "output", write=True)
     expected = job.out_shape[::-1] if job.fortran else job.out_shape
-    if out.shape != expected or out.dtype != job.out_dtype:  # replaced behind our back
-        found = f"{out.shape} {out.dtype}"
+    if out.array.shape != expected or out.array.dtype != job.out_dtype:  # replaced meanwhile
+        found = f"{out.array.shape} {out.array.dtype}"
         msg = f"{part!r}: expected a {expected} {job.out_dtype} array, found {found}"
         raise BatchError(msg)
-    view = out.T if job.fortran else out
+    view = out.array.T if out.fortran else out.array  # the data in C order
     done = 0
 
     def advance(lines: int) -> None:
@@ -111,7 +111,6 @@ def run_task(spec: Spec, part: str, box: Box) -> tuple[int, str]:
     else:
         run_cpu(job, [box], view, advance)
         device = CPU_NAME
-    out.flush()
     return done, device
 
 

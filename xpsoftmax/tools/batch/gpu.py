@@ -5,7 +5,7 @@ inputs, its mask, its output). Block ``k`` goes to slot ``k % 2``:
 
 1. wait for the slot's previous block (an event recorded after its last copy) and copy that
    block's result from the slot's pinned output buffer into the output file;
-2. copy block ``k`` from the memory-mapped inputs into the slot's pinned input buffers;
+2. read block ``k`` of the inputs into the slot's pinned input buffers;
 3. on the slot's stream: copy the pinned buffers to the device, run the public function on
    CuPy views of the device buffers (the fused kernels), copy the result into the pinned
    output buffer, record the slot's event.
@@ -111,7 +111,7 @@ class _Slot:
         self.device_out = cupy.empty(out_size, dtype=out_dtype) if on_device else None
         self.pending: tuple | None = None
 
-    def finish(self, out: np.ndarray, advance: Callable[[int], None]) -> None:
+    def finish(self, out: Any, advance: Callable[[int], None]) -> None:
         """Wait for the block in flight and write its result into ``out``."""
         _, index, lines, host_out, event, _ = self.pending
         event.synchronize()
@@ -121,9 +121,10 @@ class _Slot:
 
 
 def run(
-    job: Job, cupy: Any, boxes: Iterable[Box], out: np.ndarray, advance: Callable[[int], None]
+    job: Job, cupy: Any, boxes: Iterable[Box], out: Any, advance: Callable[[int], None]
 ) -> None:
-    """Compute ``boxes`` of ``job`` on the current GPU into ``out`` (C-ordered output view)."""
+    """Compute ``boxes`` of ``job`` on the current GPU into ``out`` (the output's data in C
+    order, written box by box: ``out[box] = values``)."""
     p = plan(job)
     sources = [*job.arrays, *([job.mask] if job.mask is not None else [])]
     reduced = [*job.reduced, *([False] if job.mask is not None else [])]

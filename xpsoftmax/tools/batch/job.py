@@ -3,14 +3,15 @@
 The pipeline:
 
 1. :func:`open_job` checks the input files (headers, dtypes, sizes; pickles are never loaded),
-   memory-maps them and settles the output's shape and dtype: a :class:`Job`.
+   opens them for reading box by box (``files.py``: ``pread``, no memory maps) and settles the
+   output's shape and dtype: a :class:`Job`.
 2. The arrays are covered by boxes of whole softmax lines (:func:`blocks`, :func:`within`); the
    softmax axis is never split.
 3. Each box is computed on the CPU with NumPy (:func:`run_cpu`), on a GPU through pinned
    buffers and two CUDA streams (``gpu.py``), or on Dask workers (``dask.py``), which write
    their boxes into the same output file; ``run.py`` picks one for a run.
-4. :func:`write_npy_atomically` writes into a temporary file beside the output, flushes it and
-   renames it only when complete.
+4. ``files.Output`` is the temporary file beside the output (locked, its space reserved), made
+   the output only when complete and when no input changed meanwhile.
 
 A Fortran-ordered input is handled as its C-ordered transpose (the axis mirrored), so blocks are
 always in C order and read consecutive parts of the file.
@@ -20,12 +21,10 @@ User errors raise :class:`BatchError`, whose message is one line for the command
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import os
-import signal
-import tempfile
+import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -33,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from .. import devices
+from . import files
+from .files import BatchError
 
 __all__ = [
     "OPS",
@@ -46,7 +47,6 @@ __all__ = [
     "pick_device",
     "run_cpu",
     "within",
-    "write_npy_atomically",
 ]
 
 #: operation -> the names of its inputs, in order.
@@ -62,10 +62,6 @@ MIB = 2**20
 Box = tuple[slice, ...]
 
 
-class BatchError(Exception):
-    """A user error (a bad file, option or device): one line on stderr, exit status 2."""
-
-
 def first_line(exc: BaseException) -> str:
     """``Type: first line of the message`` of an exception."""
     text = str(exc).strip().splitlines()
@@ -78,25 +74,36 @@ def first_line(exc: BaseException) -> str:
 
 @dataclass(frozen=True)
 class Npy:
-    """A checked, read-only memory-mapped ``.npy`` file."""
+    """A checked ``.npy`` file, open."""
 
     path: str
     name: str
-    array: np.ndarray
+    array: files.FileArray  # in the file's own order (the transpose of its data if Fortran)
     fortran: bool
 
 
-def open_npy(path: str, name: str) -> Npy:
-    """Memory-map ``path`` after checking its header, dtype and size; never loads a pickle."""
+def open_npy(path: str, name: str, *, write: bool = False) -> Npy:
+    """Open ``path`` after checking its header, dtype and size; never loads a pickle.
+
+    The data are read (or, with ``write``, written) box by box (:class:`files.FileArray`).
+    """
     label = f"{name} {path!r}"
-    try:
-        f = open(path, "rb")
+    try:  # O_NONBLOCK: a FIFO does not wait for a writer here (it is refused below)
+        fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
     except FileNotFoundError:
         raise BatchError(f"{label}: no such file") from None
     except IsADirectoryError:
         raise BatchError(f"{label}: is a directory, not a .npy file") from None
     except OSError as exc:
         raise BatchError(f"{label}: cannot be read ({exc.strerror})") from None
+    handle = files.Fd(fd)
+    mode = os.fstat(fd).st_mode
+    if stat.S_ISDIR(mode):
+        raise BatchError(f"{label}: is a directory, not a .npy file")
+    if not stat.S_ISREG(mode):
+        msg = f"{label}: not a regular file (a pipe, socket or device); save it to a file first"
+        raise BatchError(msg)
+    f = open(os.dup(fd), "rb")
     with f:
         try:
             version = np.lib.format.read_magic(f)
@@ -112,7 +119,7 @@ def open_npy(path: str, name: str) -> Npy:
         except Exception as exc:  # numpy raises ValueError, SyntaxError, TypeError, ...
             raise BatchError(f"{label}: corrupt .npy header ({first_line(exc)})") from None
         offset = f.tell()
-        size = os.fstat(f.fileno()).st_size
+        st = os.fstat(fd)
     if dtype.hasobject:
         msg = f"{label}: holds Python objects (a pickled array); pickles are never loaded"
         raise BatchError(msg)
@@ -122,18 +129,20 @@ def open_npy(path: str, name: str) -> Npy:
         raise BatchError(f"{label}: complex dtype {dtype}; softmax needs real numbers")
     if dtype.kind not in "fiub":
         raise BatchError(f"{label}: dtype {dtype} is not a real numeric dtype")
+    if any(d < 0 for d in shape):
+        raise BatchError(f"{label}: corrupt .npy header (negative shape {shape})")
     nbytes = math.prod(shape) * dtype.itemsize
+    size = st.st_size
     if size < offset + nbytes:
         msg = f"{label}: truncated, {size - offset} bytes of data where its header says {nbytes}"
         raise BatchError(msg)
     if size > offset + nbytes:
         msg = f"{label}: corrupt, {size - offset - nbytes} unexpected bytes after the data"
         raise BatchError(msg)
-    if nbytes == 0:
-        array = np.empty(shape, dtype=dtype)  # nothing to map
-    else:
-        order = "F" if fortran else "C"
-        array = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order=order)
+    data_shape = tuple(shape[::-1]) if fortran else tuple(shape)
+    array = files.FileArray(
+        handle, path, label, offset, dtype, data_shape, files.stamp(st), transposed=fortran
+    )
     return Npy(path, name, array, bool(fortran))
 
 
@@ -177,19 +186,32 @@ class Job:
     """An opened :class:`Spec`: memory maps in C order and the output's layout.
 
     ``arrays``, ``mask``, ``shape`` and ``axis`` are C-ordered views (the transposes of
-    Fortran-ordered files); ``reduced[i]`` is True for an input without the softmax axis (the
-    targets of cross_entropy), ``out_reduced`` likewise for the output.
+    Fortran-ordered files) read box by box; ``reduced[i]`` is True for an input without the
+    softmax axis (the targets of cross_entropy), ``out_reduced`` likewise for the output;
+    ``opened`` are the files, inputs then mask.
     """
 
     spec: Spec
-    arrays: tuple[np.ndarray, ...]
+    arrays: tuple[files.FileArray, ...]
     reduced: tuple[bool, ...]
-    mask: np.ndarray | None
+    mask: files.Broadcast | None
     shape: tuple[int, ...]
     axis: int
     fortran: bool
     out_dtype: np.dtype
     out_reduced: bool
+    opened: tuple[Npy, ...] = ()
+
+    def check_unchanged(self) -> None:
+        """Raise :class:`BatchError` if a file was replaced, resized or written since it was
+        opened (its size, times or inode differ), so that its blocks may mix old and new."""
+        for npy in self.opened:
+            if files.changed(npy.path, npy.array.stamp):
+                msg = (
+                    f"{npy.name} {npy.path!r}: input changed while it was read (its size, "
+                    "modification time or inode differ); nothing was written"
+                )
+                raise BatchError(msg)
 
     @property
     def n(self) -> int:
@@ -261,9 +283,10 @@ def open_job(spec: Spec) -> Job:
         if broadcast != shape:
             msg = f"mask {spec.where!r} of shape {where.array.shape} does not broadcast to {shape}"
             raise BatchError(msg)
-        mask = np.broadcast_to(where.array, shape)
+        mask = files.Broadcast(where.array, shape)
+        opened.append(where)
     fortran = opened[0].fortran and ndim > 1
-    arrays = [o.array for o in opened]
+    arrays = [o.array for o in opened[: len(names)]]
     if fortran:  # work on the C-ordered transposes
         arrays, axis = [a.T for a in arrays], ndim - 1 - axis
         mask = None if mask is None else mask.T
@@ -277,6 +300,7 @@ def open_job(spec: Spec) -> Job:
         fortran=fortran,
         out_dtype=_out_dtype(op, [a.dtype for a in arrays]),
         out_reduced=xent,
+        opened=tuple(opened),
     )
 
 
@@ -400,92 +424,13 @@ def cpu_budget(job: Job) -> int:
     return max(1, job.spec.batch_bytes // max(itemsize, 4))
 
 
-def run_cpu(job: Job, boxes: Iterable[Box], out: np.ndarray, advance: Callable[[int], None]):
-    """Compute ``boxes`` of ``job`` with NumPy into ``out`` (C-ordered view of the output)."""
+def run_cpu(job: Job, boxes: Iterable[Box], out: Any, advance: Callable[[int], None]) -> None:
+    """Compute ``boxes`` of ``job`` with NumPy into ``out`` (the output's data in C order,
+    written box by box: ``out[box] = values``)."""
     budget = cpu_budget(job)
     for box in boxes:
         for index, lines in within(box, job.axis, budget):
-            chunks = [
-                np.asarray(a[job.index(index, r)])
-                for a, r in zip(job.arrays, job.reduced, strict=True)
-            ]
-            mask = None if job.mask is None else np.asarray(job.mask[index])
+            chunks = [a[job.index(index, r)] for a, r in zip(job.arrays, job.reduced, strict=True)]
+            mask = None if job.mask is None else job.mask[index]
             out[job.index(index, job.out_reduced)] = compute(job, chunks, mask)
             advance(lines)
-
-
-# --------------------------------------------------------------------------------------------
-# the output file
-
-
-@contextlib.contextmanager
-def _terminate_as_interrupt() -> Iterator[None]:
-    """Turn SIGTERM into KeyboardInterrupt while writing, so the temporary file is removed."""
-
-    def interrupt(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    try:
-        previous = signal.signal(signal.SIGTERM, interrupt)
-    except ValueError:  # not the main thread
-        previous = None
-    try:
-        yield
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _fsync_directory(directory: str) -> None:
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some platforms cannot open a directory
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_npy_atomically(
-    target: str,
-    dtype: np.dtype,
-    shape: tuple[int, ...],
-    fortran: bool,
-    fill: Callable[[np.ndarray, str], None],
-) -> None:
-    """Make the .npy file ``target`` with ``fill(out, path)``; never leave a partial file there.
-
-    ``out`` is a memory map of a temporary file ``path`` beside ``target`` (others may open
-    ``path`` too: Dask workers do); when ``fill`` returns, the file is flushed to disk and
-    renamed to ``target`` (replacing it). On any error, Ctrl-C or SIGTERM the temporary file is
-    removed and ``target`` is left as it was.
-    """
-    directory = os.path.dirname(target)
-    part = None
-    with _terminate_as_interrupt():
-        try:
-            fd, part = tempfile.mkstemp(
-                prefix=f".{os.path.basename(target)}.", suffix=".part", dir=directory
-            )
-            os.close(fd)
-            out = np.lib.format.open_memmap(
-                part, mode="w+", dtype=dtype, shape=shape, fortran_order=fortran
-            )
-            fill(out, part)
-            out.flush()
-            del out
-            umask = os.umask(0)  # mkstemp makes the file private; give it the usual mode
-            os.umask(umask)
-            os.chmod(part, 0o666 & ~umask)
-            with open(part, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(part, target)
-        except BaseException:
-            if part is not None:
-                with contextlib.suppress(OSError):
-                    os.unlink(part)
-            raise
-    _fsync_directory(directory)

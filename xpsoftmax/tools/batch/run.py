@@ -5,23 +5,20 @@ from __future__ import annotations
 import sys
 import time
 
-import numpy as np
-
 from .. import devices
 from . import dask as batch_dask
+from . import files
 from . import gpu as batch_gpu
 from . import job as job_
 from .job import (
     CPU_NAME,
     OPS,
     BatchError,
-    Job,
     Spec,
     check_output,
     open_job,
     run_cpu,
     whole,
-    write_npy_atomically,
 )
 
 __all__ = ["run"]
@@ -80,19 +77,22 @@ def run(
             bar.set_postfix_str(f"{rate:.2f} GB/s", refresh=False)
             bar.update(count)
 
-    def fill(out: np.ndarray, part: str) -> None:
-        nonlocal device
-        view = out.T if job.fortran else out
-        if dask is not None:
-            device = batch_dask.run(job, part, cluster, advance)
-        elif cupy is not None:
-            batch_gpu.run(job, cupy, [whole(job.shape)], view, advance)
-            device = devices.gpu_name(cupy)
-        else:
-            run_cpu(job, [whole(job.shape)], view, advance)
-
     try:
-        write_npy_atomically(target, job.out_dtype, _file_shape(job), job.out_fortran, fill)
+        with files.interruptible():
+            shape = job.out_shape[::-1] if job.fortran else job.out_shape
+            with files.Output.create(
+                target, f"output {output!r}", job.out_dtype, shape, job.out_fortran,
+                overwrite=overwrite,
+            ) as out:  # fmt: skip
+                if dask is not None:
+                    device = batch_dask.run(job, out.part, cluster, advance)
+                elif cupy is not None:
+                    batch_gpu.run(job, cupy, [whole(job.shape)], out, advance)
+                    device = devices.gpu_name(cupy)
+                else:
+                    run_cpu(job, [whole(job.shape)], out, advance)
+                job.check_unchanged()
+                out.publish()
     finally:
         if bar is not None:
             bar.close()
@@ -104,7 +104,3 @@ def run(
         f"(axis {axis} of {shape}), {job.moved / 1e9:.3g} GB read and written in "
         f"{seconds:.3g} s, {job.moved / max(seconds, 1e-9) / 1e9:.3g} GB/s, {device} -> {output}"
     )
-
-
-def _file_shape(job: Job) -> tuple[int, ...]:
-    return job.out_shape[::-1] if job.fortran else job.out_shape
