@@ -892,3 +892,27 @@ def install(monkeypatch: Any, device: str = "H100") -> StandIn:
         monkeypatch.setattr(loader, cache, {})
     monkeypatch.setattr(loader, "_device_attribute", standin.attribute)
     return standin
+
+
+def regenerate_static_smem() -> None:
+    """Rewrite ``tests/data/kernel_static_smem.json`` from the compile check (needs ``nvcc``):
+    ``python tests/_cupy_standin.py``."""
+    import io
+
+    from xpsoftmax.tools import kcheck
+
+    out, err = io.StringIO(), io.StringIO()
+    archs = sorted({d.arch for d in DEVICES.values()})
+    if kcheck.check(archs, out=out, err=err) != 0:
+        raise SystemExit(err.getvalue())
+    row = re.compile(r"^(\S+)  +(\S.*?)  +(sm_\d+[af]?) +(\d+) +(\d+) +(\d+) +(\d+) +(\d+)$")
+    table: dict[str, dict[str, dict[str, int]]] = {}
+    for line in out.getvalue().splitlines():
+        if m := row.match(line):
+            table.setdefault(m[3], {}).setdefault(m[1], {})[m[2]] = int(m[8])
+    about = json.loads(_STATIC_SMEM.read_text())["about"]
+    _STATIC_SMEM.write_text(json.dumps({"about": about, "smem": table}, indent=1, sort_keys=True))
+
+
+if __name__ == "__main__":
+    regenerate_static_smem()

@@ -69,10 +69,16 @@ def test_check_passes_on_the_sources_with_a_row_per_kernel_and_arch(capsys):
     rows = _rows(captured.out)
     expected = {(f, name, arch) for f, names in SOURCES.items() for name in names for arch in ARCHS}
     assert expected <= set(rows), f"missing rows: {sorted(expected - set(rows))}"
+    static_smem = json.loads((REPO / "tests" / "data" / "kernel_static_smem.json").read_text())
     for key in expected:
-        regs, spill_st, spill_ld, _stack, _smem = rows[key]
+        regs, spill_st, spill_ld, _stack, smem = rows[key]
         assert 0 < regs <= 255, key
         assert (spill_st, spill_ld) == (0, 0), key
+        # the CuPy stand-in of test_cuda_launch.py adds this to each launch's shared memory
+        f, name, arch = key
+        assert static_smem["smem"][arch][f][name] == smem, (
+            f"{key}: static smem {smem}; regenerate tests/data/kernel_static_smem.json"
+        )
     last = captured.out.strip().splitlines()[-1]
     kernels = sum(len(names) for names in SOURCES.values())
     assert last.startswith(f"ok: {kernels} kernels x 2 archs (sm_80,sm_90), 0 compile errors, 0 sp")
