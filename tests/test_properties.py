@@ -22,8 +22,10 @@ from hypothesis.extra import numpy as hnp
 import xpsoftmax
 
 # NumPy (its own fast path) and torch/array-api-strict (the generic path) get the most examples;
-# JAX compiles every operation for every new shape and Dask builds a graph per call, and both
-# run the same generic code as torch and array-api-strict, so they get fewer.
+# JAX compiles every operation for every new shape and Dask builds a graph per call, so they get
+# fewer. Dask runs twice (conftest.py): one chunk (the NumPy path block by block) and, as
+# dask-split, every axis in two chunks (the generic path on Dask arrays).
+DASK_SPLIT = True
 _EXAMPLES = {
     Backend.NUMPY: 60,
     Backend.TORCH: 40,
