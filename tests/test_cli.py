@@ -6,6 +6,7 @@ The demo and the import checks run in subprocesses (the real entry point, a clea
 
 from __future__ import annotations
 
+import errno
 import importlib.metadata
 import os
 import re
@@ -779,3 +780,275 @@ def test_run_killed_never_leaves_a_partial_output_and_the_next_run_cleans_up(
     assert cli.main(["run", "softmax", small, "-o", str(out)]) == 0, capsys.readouterr().err
     np.testing.assert_allclose(np.load(out), np.full((2, 3), 1 / 3), rtol=1e-15)
     assert _listing(tmp_path) == ["probs.npy", "x.npy"]
+
+
+# --------------------------------------------------------------------------------------------
+# run: a full disk, a changing input, a racing twin, long names
+
+
+def _one_line(status: int, out, expected: str) -> None:
+    assert status == 2
+    assert out.out == ""
+    assert out.err.count("\n") == 1 and out.err.startswith("xpsoftmax: error: "), out.err
+    assert expected in out.err, out.err
+
+
+def test_run_no_space_to_reserve_is_one_line(tmp_path, monkeypatch, capsys):
+    path = _save(tmp_path, "x.npy", np.zeros((64, 16)))
+    out = tmp_path / "y.npy"
+    out.write_bytes(b"previous result")
+
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    status = cli.main(["run", "softmax", path, "-o", str(out), "--overwrite"])
+    _one_line(status, capsys.readouterr(), f"output '{out}': cannot be written (no space left")
+    assert out.read_bytes() == b"previous result"
+    assert _listing(tmp_path) == ["x.npy", "y.npy"]
+
+
+def test_run_disk_full_midway_is_one_line(tmp_path, monkeypatch, capsys):
+    """A file system that cannot reserve space fills up while the output is written."""
+    path = _save(tmp_path, "x.npy", np.zeros((64, 16)))
+    out = tmp_path / "y.npy"
+    writes = []
+    real = os.pwritev
+
+    def pwritev(fd, buffers, offset):
+        writes.append(offset)
+        if len(writes) == 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(fd, buffers, offset)
+
+    def unsupported(fd, offset, length):
+        raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+    monkeypatch.setattr(os, "posix_fallocate", unsupported)
+    monkeypatch.setattr(os, "pwritev", pwritev)
+    status = cli.main(["run", "softmax", path, "-o", str(out), "--batch-mb", "0.001"])
+    _one_line(status, capsys.readouterr(), "cannot be written (no space left on the device)")
+    assert len(writes) == 3
+    assert _listing(tmp_path) == ["x.npy"]
+
+
+def test_run_file_size_limit_is_one_line(tmp_path):
+    """``ulimit -f`` (RLIMIT_FSIZE): EFBIG, and SIGXFSZ, which Python ignores, kills nothing."""
+    import resource
+
+    path = _save(tmp_path, "x.npy", np.zeros((1024, 512), dtype=np.float32))  # 2 MiB out
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    done = subprocess.run(
+        [sys.executable, "-m", "xpsoftmax", "run", "softmax", path, "-o", str(tmp_path / "y.npy")],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=_env(),
+        preexec_fn=limit,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.count("\n") == 1
+    assert "cannot be written (file too large for the file system or the file size limit" in (
+        done.stderr
+    )
+    assert _listing(tmp_path) == ["x.npy"]
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A 1 MiB tmpfs (mounting needs root: skipped where it is not allowed)."""
+    mount = tmp_path / "tmpfs"
+    mount.mkdir()
+    if shutil.which("mount") is None or os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root and mount(8)")
+    made = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)],
+        capture_output=True,
+        check=False,
+    )
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_run_on_a_really_full_tmpfs(small_tmpfs, tmp_path):
+    path = _save(tmp_path, "x.npy", np.zeros((1024, 512), dtype=np.float32))  # 2 MiB out
+    old = small_tmpfs / "y.npy"
+    old.write_bytes(b"previous result")
+    for extra in ([], ["--overwrite"]):
+        target = small_tmpfs / ("new.npy" if not extra else "y.npy")
+        done = _run("run", "softmax", path, "-o", str(target), *extra)
+        assert done.returncode == 2, done.stderr  # before: SIGBUS (-7), a .part left
+        assert done.stderr == (
+            f"xpsoftmax: error: output '{target}': cannot be written (no space left on the "
+            "device; it needs 2.1 MB)\n"
+        )
+        assert _listing(small_tmpfs) == ["y.npy"]
+        assert old.read_bytes() == b"previous result"
+
+
+def test_run_input_truncated_while_read(tmp_path):
+    """Another process truncates the input mid-run: one line, status 2, nothing left (with
+    memory maps this was a SIGBUS)."""
+    path = tmp_path / "in" / "x.npy"
+    path.parent.mkdir()
+    x = np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(65536, 1024))
+    x[::997] = 1.0  # a sparse 256 MiB file
+    x.flush()
+    del x
+    out = tmp_path / "y.npy"
+    proc = _start("run", "softmax", str(path), "-o", str(out), "--batch-mb", "1")
+    _wait_for_part(tmp_path, proc)
+    os.truncate(path, 2**20)
+    stdout, stderr = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 2, stderr
+    assert stdout == ""
+    told = f"logits '{path}': input changed while it was read (it became shorter)"
+    assert stderr == f"xpsoftmax: error: {told}\n"
+    assert _listing(tmp_path) == ["in"]
+
+
+def test_run_input_rewritten_while_read(tmp_path, monkeypatch, capsys):
+    """The input is rewritten in place (same size) after the first blocks: no output."""
+    rng = np.random.default_rng(6)
+    path = _save(tmp_path, "x.npy", rng.standard_normal((64, 16)))
+    out = tmp_path / "y.npy"
+    calls = []
+    real = xpsoftmax.softmax
+
+    def rewriting(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the dtype probe, block 1, then the file changes
+            with open(path, "r+b") as f:
+                f.seek(-8, os.SEEK_END)
+                f.write(np.float64(1e9).tobytes())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xpsoftmax, "softmax", rewriting)
+    status = cli.main(["run", "softmax", path, "-o", str(out), "--batch-mb", "0.001"])
+    _one_line(status, capsys.readouterr(), f"logits '{path}': input changed while it was read")
+    assert _listing(tmp_path) == ["x.npy"]
+
+
+def test_run_input_replaced_while_read(tmp_path, monkeypatch, capsys):
+    """Another file renamed over the input (another inode) is found too."""
+    path = _save(tmp_path, "x.npy", np.zeros((64, 16)))
+    other = _save(tmp_path, "other.npy", np.ones((64, 16)))
+    calls = []
+    real = xpsoftmax.softmax
+
+    def replacing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            os.replace(other, path)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xpsoftmax, "softmax", replacing)
+    argv = ["run", "softmax", path, "-o", str(tmp_path / "y.npy"), "--batch-mb", "0.001"]
+    _one_line(cli.main(argv), capsys.readouterr(), "input changed while it was read")
+    assert _listing(tmp_path) == ["x.npy"]
+
+
+def test_run_twins_on_the_same_new_output(tmp_path, capsys):
+    """Two runs to the same new output at once, 20 times: exactly one writes it each time."""
+    import threading
+
+    from xpsoftmax.tools.batch import job as _job
+    from xpsoftmax.tools.batch import run as _batch_run
+
+    path = _save(tmp_path, "x.npy", np.zeros((256, 64)))
+    spec = _job.Spec("softmax", (path,), batch_bytes=4096)
+
+    def one(out: Path, barrier: threading.Barrier, results: list[str]) -> None:
+        barrier.wait()
+        try:
+            _batch_run.run(spec, str(out))
+            results.append("ok")
+        except _job.BatchError as exc:
+            results.append(str(exc))
+
+    for attempt in range(20):
+        out, barrier, results = tmp_path / f"y{attempt}.npy", threading.Barrier(2), []
+        threads = [threading.Thread(target=one, args=(out, barrier, results)) for _ in "ab"]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results.count("ok") == 1, results
+        (err,) = (r for r in results if r != "ok")
+        assert "exists; pass --overwrite" in err or "is being written by another run" in err
+    assert len(_listing(tmp_path)) == 21  # no temporary file
+
+
+def test_run_never_replaces_an_output_made_meanwhile(tmp_path, monkeypatch, capsys):
+    """An output that appears while the run computes (another program) is kept: the
+    publication is a link, which fails on an existing name, not a check then a rename."""
+    path = _save(tmp_path, "x.npy", np.zeros((64, 16)))
+    out = tmp_path / "y.npy"
+    real = xpsoftmax.softmax
+    calls = []
+
+    def meanwhile(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            out.write_bytes(b"the other program's")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(xpsoftmax, "softmax", meanwhile)
+    status = cli.main(["run", "softmax", path, "-o", str(out), "--batch-mb", "0.001"])
+    _one_line(status, capsys.readouterr(), f"output '{out}' exists; pass --overwrite")
+    assert out.read_bytes() == b"the other program's"
+    assert _listing(tmp_path) == ["x.npy", "y.npy"]
+
+
+def test_run_refuses_an_output_that_a_live_run_writes(tmp_path, capsys):
+    import fcntl
+
+    path = _save(tmp_path, "x.npy", np.zeros((4, 3)))
+    out = tmp_path / "y.npy"
+    part = Path(_files.part_name(str(out)))
+    with open(part, "wb") as held:
+        held.write(b"being written")
+        fcntl.flock(held, fcntl.LOCK_EX)
+        status = cli.main(["run", "softmax", path, "-o", str(out)])
+        _one_line(status, capsys.readouterr(), f"output '{out}' is being written by another run")
+    assert part.read_bytes() == b"being written"  # not the refused run's to remove
+    assert not out.exists()
+
+
+def test_run_reuses_a_leftover_temporary_file(tmp_path, capsys):
+    path = _save(tmp_path, "x.npy", np.zeros((4, 3)))
+    out = tmp_path / "y.npy"
+    part = Path(_files.part_name(str(out)))
+    part.write_bytes(b"left by kill -9" * 1000)
+    assert cli.main(["run", "softmax", path, "-o", str(out)]) == 0, capsys.readouterr().err
+    np.testing.assert_allclose(np.load(out), np.full((4, 3), 1 / 3), rtol=1e-15)
+    assert _listing(tmp_path) == ["x.npy", "y.npy"]
+
+
+@pytest.mark.parametrize("length", [249, 255])
+def test_run_output_name_of_any_valid_length(length, tmp_path, capsys):
+    path = _save(tmp_path, "x.npy", np.zeros((4, 3)))
+    out = tmp_path / ("y" * (length - 4) + ".npy")
+    assert cli.main(["run", "softmax", path, "-o", str(out)]) == 0, capsys.readouterr().err
+    assert _listing(tmp_path) == sorted([out.name, "x.npy"])
+
+
+def test_temporary_names_fit_and_differ():
+    names = ["y" * 251 + ".npy", "y" * 250 + "z.npy", "é" * 125 + ".npy", "short.npy"]
+    parts = [os.path.basename(_files.part_name(f"/tmp/{n}")) for n in names]
+    assert all(len(os.fsencode(p)) <= 255 and p.startswith(".") for p in parts)
+    assert parts[3] == ".short.npy.xpsoftmax.part"
+    assert len(set(parts)) == len(parts)
+
+
+def test_run_refuses_a_fifo_without_waiting(tmp_path, capsys):
+    fifo = tmp_path / "x.npy"
+    os.mkfifo(fifo)
+    status = cli.main(["run", "softmax", str(fifo), "-o", str(tmp_path / "y.npy")])
+    _one_line(status, capsys.readouterr(), "not a regular file (a pipe, socket or device)")

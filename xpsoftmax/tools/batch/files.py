@@ -275,7 +275,7 @@ def _describe(exc: OSError) -> str:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return "no space left on the device" if exc.errno == errno.ENOSPC else "disk quota exceeded"
     if exc.errno == errno.EFBIG:
-        return "file too large (for the file system or the file size limit, ulimit -f)"
+        return "file too large for the file system or the file size limit, ulimit -f"
     return exc.strerror or str(exc)
 
 
@@ -316,7 +316,9 @@ class Output:
             out.array = out._reserve(dtype, shape, fortran)
         except OSError as exc:
             out.discard()
-            raise BatchError(f"{label}: cannot be written ({_describe(exc)})") from None
+            size = math.prod(shape) * dtype.itemsize
+            msg = f"{label}: cannot be written ({_describe(exc)}; it needs {size / 1e6:.3g} MB)"
+            raise BatchError(msg) from None
         except BaseException:
             out.discard()
             raise
