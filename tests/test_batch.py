@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import types
 from pathlib import Path
 
@@ -717,6 +718,91 @@ def test_dask_ctrl_c_in_a_terminal_stops_cleanly(tmp_path):
     assert rest.rstrip("\n").splitlines()[-1] == "xpsoftmax: error: interrupted"
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest
     assert _listing(tmp_path) == ["x.npy"]
+
+
+def _dask_cli(*argv, **kwargs) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "xpsoftmax", *map(str, argv)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a shell job
+        **kwargs,
+    )
+
+
+def test_dask_failed_task_and_too_many_workers_are_one_line_each(tmp_path):
+    """A task that fails on a worker: one line, status 2, none of distributed's log (its
+    "Compute Failed" and traceback) unless --verbose; local:N beyond the CPUs is capped, with a
+    note."""
+    x = _save(tmp_path, "x.npy", np.zeros((100, 4)))
+    targets = np.zeros(100, dtype=np.int64)
+    targets[77] = 9  # not a class
+    t = _save(tmp_path, "t.npy", targets)
+    argv = ["run", "cross_entropy", x, t, "-o", tmp_path / "l.npy", "--batch-mb", "0.0005"]
+    many = CPUS + 62
+    proc = _dask_cli(*argv, "--dask", f"local:{many}")
+    out, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 2, err
+    assert out == ""
+    assert err.splitlines() == [
+        f"xpsoftmax: note: --dask local:{many}: this machine has {CPUS} usable CPU"
+        f"{'s' if CPUS > 1 else ''}; starting {CPUS} worker{'s' if CPUS > 1 else ''}",
+        "xpsoftmax: error: ValueError: targets contain the class index 9, out of range for 4 "
+        "classes along axis 1 of logits (valid: 0 to 3, or ignore_index)",
+    ]
+    proc = _dask_cli(*argv, "--dask", "local:1", "--verbose")
+    _, err = proc.communicate(timeout=TIMEOUT)
+    assert proc.returncode == 2
+    assert " - distributed." in err  # the log comes through when asked for
+    assert err.splitlines()[-1].startswith("xpsoftmax: error: ValueError: targets contain")
+    assert _listing(tmp_path) == ["t.npy", "x.npy"]
+
+
+def test_dask_capped():
+    cluster, note = _batch_dask.capped(_batch_dask.Cluster(None, CPUS))
+    assert cluster == _batch_dask.Cluster(None, CPUS) and note is None
+    remote = _batch_dask.Cluster("tcp://10.0.0.1:8786")
+    assert _batch_dask.capped(remote) == (remote, None)
+    cluster, note = _batch_dask.capped(_batch_dask.Cluster(None, 64 * CPUS))
+    assert cluster.workers == CPUS and note.startswith(f"--dask local:{64 * CPUS}: this machine")
+
+
+def test_dask_ctrl_c_while_the_cluster_starts(tmp_path):
+    """Ctrl-C as the LocalCluster starts (its first process has appeared): status 130 within
+    about a second, one line, the cluster gone (no process left in the group), no file left."""
+    x = _save(tmp_path, "x.npy", np.zeros((4, 5)))
+    proc = _dask_cli("run", "softmax", x, "-o", tmp_path / "y.npy", "--dask", "local:2")
+    deadline = time.monotonic() + 60
+    while len(_group(proc.pid)) < 2:  # the cluster's first process
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+        time.sleep(0.005)
+    sent = time.monotonic()
+    os.killpg(proc.pid, signal.SIGINT)
+    out, err = proc.communicate(timeout=TIMEOUT)
+    took = time.monotonic() - sent
+    assert proc.returncode == 130, err
+    assert (out, err) == ("", "xpsoftmax: error: interrupted\n")
+    assert took < 2.5, f"{took:.2f} s to stop"  # measured 0.1-1.1 s on the 2-core CI machine
+    deadline = time.monotonic() + 10
+    while _group(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _group(proc.pid) == []
+    assert _listing(tmp_path) == ["x.npy"]
+
+
+def _group(pgid: int) -> list[int]:
+    """The processes of the group ``pgid`` that still run (not zombies)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                found.append(int(entry))
+    return found
 
 
 # --------------------------------------------------------------------------------------------

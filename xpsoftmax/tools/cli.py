@@ -221,7 +221,12 @@ def _run(args: argparse.Namespace) -> int:
     )
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     summary = run.run(
-        spec, args.output, overwrite=args.overwrite, progress=progress, dask=args.dask
+        spec,
+        args.output,
+        overwrite=args.overwrite,
+        progress=progress,
+        dask=args.dask,
+        verbose=args.verbose,
     )
     print(summary)
     return 0
@@ -318,10 +323,15 @@ def _parser() -> argparse.ArgumentParser:
         "--dask",
         metavar="ADDRESS",
         help="run the blocks as tasks on the Dask scheduler at ADDRESS, or on a LocalCluster "
-        "of N worker processes with local:N ('local': one per CPU); each worker uses its GPU "
-        "when it has one",
+        "of N worker processes with local:N ('local': one per CPU, and at most that); each "
+        "worker uses its GPU when it has one",
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    run.add_argument(
+        "--verbose",
+        action="store_true",
+        help="with --dask: let the log of Dask's scheduler and workers through to stderr",
+    )
     run.add_argument(
         "--progress",
         action=argparse.BooleanOptionalAction,

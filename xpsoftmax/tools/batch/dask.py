@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import signal
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +43,7 @@ from .job import (
     run_cpu,
 )
 
-__all__ = ["Cluster", "parse_address", "run", "run_task", "task_boxes"]
+__all__ = ["Cluster", "capped", "parse_address", "run", "run_task", "task_boxes"]
 
 #: At least this many tasks per worker thread, so that a slow worker does not hold up the end.
 TASKS_PER_THREAD = 4
@@ -59,6 +60,18 @@ class Cluster:
 
     def __str__(self) -> str:
         return self.address or f"local:{self.workers}"
+
+
+def capped(cluster: Cluster) -> tuple[Cluster, str | None]:
+    """``cluster`` with at most one local worker per usable CPU, and a note when capped."""
+    cpus = devices.available_cpus()
+    if cluster.address is not None or cluster.workers <= cpus:
+        return cluster, None
+    note = (
+        f"--dask local:{cluster.workers}: this machine has {_plural(cpus, 'usable CPU')}; "
+        f"starting {_plural(cpus, 'worker')}"
+    )
+    return Cluster(None, cpus), note
 
 
 def parse_address(text: str) -> Cluster:
@@ -114,41 +127,78 @@ def run_task(spec: Spec, part: str, box: Box) -> tuple[int, str]:
     return done, device
 
 
-@contextlib.contextmanager
-def _workers_ignore_sigint() -> Iterator[None]:
-    """Start processes that ignore SIGINT: Ctrl-C in a terminal reaches the whole process group,
-    and the command, not each worker, handles it (it cancels the tasks and stops the cluster).
-    The processes inherit the ignored signal; this process ignores it only while they start."""
+def _start_loop() -> Any:
+    """Start distributed's event loop thread with SIGINT held back (blocked) in it.
+
+    Ctrl-C in a terminal reaches the whole process group; the command, not each worker, handles
+    it (it cancels the tasks and stops the cluster). The loop thread starts the worker
+    processes, and threads and processes inherit a blocked signal, so the workers never see
+    it; this process's main thread does, also while the cluster starts.
+
+    multiprocessing's resource tracker, started with the first worker, unblocks SIGINT in the
+    thread that starts it (bpo-33613): it is started here first, from this thread.
+    """
+    from multiprocessing import resource_tracker
+
+    from distributed.utils import LoopRunner
+
+    resource_tracker.ensure_running()
+    runner = LoopRunner(asynchronous=False)
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
-        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    except ValueError:  # not the main thread: leave signals alone
-        yield
-        return
-    try:
-        yield
+        runner.start()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+    return runner
 
 
 @contextlib.contextmanager
-def _quiet_event_loop() -> Iterator[None]:
-    """Keep the event loop's error log (tornado, asyncio) out of the terminal during the run.
+def _quiet_event_loop(verbose: bool) -> Iterator[None]:
+    """Keep distributed's log and the event loop's (tornado, asyncio) out of the terminal during
+    the run, unless ``verbose``: a failed task is reported once, in one line, by the command.
 
     On Ctrl-C, distributed's ``sync`` schedules a ``cancel`` callback that can fail inside the
     loop thread (a NameError in distributed 2026.8's ``utils.sync``), which tornado logs with a
     traceback; the command reports the interruption in one line instead. The levels come back
     after a normal run; after an interruption the process is ending, so they stay raised.
     """
-    loggers = [logging.getLogger(name) for name in ("tornado.application", "asyncio")]
+    if verbose:
+        yield
+        return
+    names = ("distributed", "tornado.application", "asyncio")
+    loggers = [logging.getLogger(name) for name in names]
     levels = [lg.level for lg in loggers]
     for lg in loggers:
-        lg.setLevel(logging.CRITICAL)
+        lg.setLevel(logging.CRITICAL + 1)
+    # Worker processes set up their log on import, from dask's config, before they are told
+    # silence_logs (a worker stopped while starting logs at INFO): the config through the
+    # environment they inherit.
+    variable = "DASK_LOGGING__DISTRIBUTED"
+    before = os.environ.get(variable)
+    os.environ[variable] = "critical"
     yield
     for lg, level in zip(loggers, levels, strict=True):
         lg.setLevel(level)
+    if before is None:
+        del os.environ[variable]
+    else:
+        os.environ[variable] = before
 
 
-def _local_cluster(cls: Any, workers: int) -> Any:
+def _quiet_exit_of_half_started_cluster() -> None:
+    """Interrupted while the cluster started: the loop stops, so the workers end with this
+    process, but distributed's exit hook (``close_clusters``) still tries to close the cluster
+    and fails on it (an AssertionError on a worker still starting): keep that traceback out."""
+    previous = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        if getattr(unraisable.object, "__module__", "") != "distributed.deploy.spec":
+            previous(unraisable)
+
+    sys.unraisablehook = hook
+
+
+def _local_cluster(cls: Any, workers: int, loop: Any, verbose: bool) -> Any:
     return cls(
         n_workers=workers,
         threads_per_worker=1,
@@ -157,12 +207,19 @@ def _local_cluster(cls: Any, workers: int) -> Any:
         # No dashboard; the scheduler's small HTTP server (health checks) on a free port rather
         # than on 8787, which another cluster may hold.
         scheduler_kwargs={"dashboard_address": "127.0.0.1:0"},
-        silence_logs=logging.ERROR,  # a failed task is reported once, by the command
+        # The workers' log ("Compute Failed" and a traceback for a failed task): the command
+        # reports the error once, in one line, unless --verbose.
+        silence_logs=logging.INFO if verbose else logging.CRITICAL + 1,
+        loop=loop,
     )
 
 
-def run(job: Job, part: str, cluster: Cluster, advance: Callable[[int], None]) -> str:
-    """Compute ``job`` into ``part`` on ``cluster``; return a description of where it ran."""
+def run(
+    job: Job, part: str, cluster: Cluster, advance: Callable[[int], None], verbose: bool = False
+) -> str:
+    """Compute ``job`` into ``part`` on ``cluster``; return a description of where it ran.
+
+    ``verbose`` lets distributed's log through to stderr."""
     try:
         from distributed import Client, LocalCluster, as_completed
     except ImportError:
@@ -173,10 +230,15 @@ def run(job: Job, part: str, cluster: Cluster, advance: Callable[[int], None]) -
     where = None if job.spec.where is None else os.path.abspath(job.spec.where)
     spec = dataclasses.replace(job.spec, inputs=inputs, where=where)
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_quiet_event_loop())
+        stack.enter_context(_quiet_event_loop(verbose))
         if cluster.address is None:
-            with _workers_ignore_sigint():
-                local = _local_cluster(LocalCluster, cluster.workers)
+            runner = _start_loop()
+            stack.callback(runner.stop)
+            try:
+                local = _local_cluster(LocalCluster, cluster.workers, runner.loop, verbose)
+            except KeyboardInterrupt:
+                _quiet_exit_of_half_started_cluster()
+                raise
             stack.enter_context(local)
             client = stack.enter_context(Client(local))
         else:

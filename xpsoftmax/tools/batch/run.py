@@ -44,8 +44,11 @@ def run(
     overwrite: bool = False,
     progress: bool = False,
     dask: str | None = None,
+    verbose: bool = False,
 ) -> str:
     """Run ``spec`` into the ``.npy`` file ``output``; return the one-line summary.
+
+    ``dask`` is ``--dask``'s address (with ``verbose``, distributed's log reaches stderr).
 
     Raises :class:`BatchError` for a bad file, option or device, before anything is written.
     """
@@ -61,6 +64,9 @@ def run(
     job = open_job(spec)
     if dask is not None:
         cluster = batch_dask.parse_address(dask)  # checked before anything is written
+        cluster, note = batch_dask.capped(cluster)
+        if note is not None:
+            print(f"xpsoftmax: note: {note}", file=sys.stderr, flush=True)
         cupy = None
     else:
         cupy = job_.pick_device(spec.device)
@@ -85,7 +91,7 @@ def run(
                 overwrite=overwrite,
             ) as out:  # fmt: skip
                 if dask is not None:
-                    device = batch_dask.run(job, out.part, cluster, advance)
+                    device = batch_dask.run(job, out.part, cluster, advance, verbose)
                 elif cupy is not None:
                     batch_gpu.run(job, cupy, [whole(job.shape)], out, advance)
                     device = devices.gpu_name(cupy)
