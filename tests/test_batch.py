@@ -130,6 +130,12 @@ BAD_CROSS_ENTROPY = [
     ("one input", "x.npy", [], "takes 2 inputs (logits, targets), got 1"),
     ("no classes", "x0.npy t.npy", [], "logits of shape (4, 0) have no class on axis 1"),
     ("class out of range", "x.npy tbig.npy", [], "ValueError: "),
+    (
+        "uint64 class beyond int64",  # 2**64 - 100 once wrapped to -100, the ignored index
+        "x.npy tu64.npy",
+        [],
+        "targets contain the class index 18446744073709551516, out of range for 3 classes",
+    ),
     ("axis", "x.npy t.npy", ["--axis", "2"], "--axis 2 is out of range"),
 ]
 
@@ -147,6 +153,7 @@ def test_cross_entropy_bad_input(inputs, extra, expected, tmp_path, capsys):
     np.save(tmp_path / "t5.npy", np.zeros(5, dtype=np.int64))
     np.save(tmp_path / "t.npy", np.zeros(4, dtype=np.int64))
     np.save(tmp_path / "tbig.npy", np.array([0, 1, 3, 2]))  # 3 is not a class of 3
+    np.save(tmp_path / "tu64.npy", np.array([0, 1, 2**64 - 100, 2], dtype=np.uint64))
     before = _listing(tmp_path)
     t = str(tmp_path)
     argv = ["run", "cross_entropy", *(f"{t}/{p}" for p in inputs.split()), "-o", f"{t}/o.npy"]

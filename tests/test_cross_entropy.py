@@ -633,3 +633,21 @@ def test_gpu_generic_options_on_cupy(kernel_calls):
         np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-12)
         np.testing.assert_allclose(cupy.asnumpy(grad), ref_grad, rtol=1e-10, atol=1e-15)
     assert not kernel_calls
+
+
+@pytest.mark.parametrize("lazy", [False, True], ids=["numpy", "dask"])
+@pytest.mark.parametrize("ignore_index", [None, -100])
+def test_uint64_indices_beyond_int64_are_out_of_range(lazy, ignore_index):
+    """2**64 - 100 must not wrap to -100 (and be ignored): an error naming the value given."""
+    x = np.zeros((3, 4))
+    t = np.array([0, 1, 2**64 - 100], dtype=np.uint64)
+    if lazy:
+        import dask.array as da
+
+        x, t = da.from_array(x, chunks=2), da.from_array(t, chunks=2)
+    with pytest.raises(ValueError, match=r"class index 18446744073709551516, out of range for 4"):
+        loss = xpsoftmax.cross_entropy(x, t, ignore_index=ignore_index)
+        if lazy:
+            loss.compute()
+    ok = xpsoftmax.cross_entropy(np.zeros((3, 4)), np.array([0, 1, 3], dtype=np.uint64))
+    assert float(ok) == pytest.approx(math.log(4), rel=1e-15)  # log(4) for uniform logits

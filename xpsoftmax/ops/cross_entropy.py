@@ -164,16 +164,19 @@ def prepare(
     if kind == "prob":
         targets = targets if targets.dtype == ctype else xp.astype(targets, ctype)
     else:
-        # int64, which torch's gather needs and which holds any ignore_index; JAX without x64
-        # has no int64 and keeps its int32.
-        if targets.dtype != xp.int64 and not _jax_int32_only(targets):
-            targets = xp.astype(targets, xp.int64)
         if _compat.is_dask_array(targets):
-            # Reading Dask values would compute: check each block when the graph runs instead.
+            # Reading Dask values would compute: check each block when the graph runs instead
+            # (before the cast below, which would wrap uint64 values of 2**63 and more).
             check = functools.partial(
                 _check_block, n=x.shape[ax], ignore=ignore, where=(ax, x_name)
             )
             targets = targets.map_blocks(check, dtype=targets.dtype)
+        elif targets.dtype == xp.uint64 and not _is_lazy(targets):
+            _check_unsigned(xp, targets, x.shape[ax], ax, x_name)
+        # int64, which torch's gather needs and which holds any ignore_index; JAX without x64
+        # has no int64 and keeps its int32.
+        if targets.dtype != xp.int64 and not _jax_int32_only(targets):
+            targets = xp.astype(targets, xp.int64)
         index = targets
         if ignore is not None:
             valid = targets != ignore
@@ -192,6 +195,16 @@ def _range_error(bad: int, n: int, ax: int, x_name: str) -> ValueError:
         f"{ax} of {x_name} (valid: 0 to {n - 1}, or ignore_index)"
     )
     return ValueError(msg)
+
+
+def _check_unsigned(xp: Any, t: Array, n: int, ax: int, x_name: str) -> None:
+    """uint64 indices of 2**63 and more, which int64 would wrap to negative numbers (and
+    ``ignore_index=-100`` would then silently ignore): out of range, named as given."""
+    if is_empty(tuple(t.shape)):
+        return
+    hi = int(xp.max(t))
+    if hi > np.iinfo(np.int64).max:
+        raise _range_error(hi, n, ax, x_name)
 
 
 def _check_block(block: Any, n: int, ignore: int | None, where: tuple[int, str]) -> Any:
