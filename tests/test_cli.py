@@ -844,20 +844,21 @@ def test_run_disk_full_midway_is_one_line(tmp_path, monkeypatch, capsys):
 
 def test_run_file_size_limit_is_one_line(tmp_path):
     """``ulimit -f`` (RLIMIT_FSIZE): EFBIG, and SIGXFSZ, which Python ignores, kills nothing."""
-    import resource
-
     path = _save(tmp_path, "x.npy", np.zeros((1024, 512), dtype=np.float32))  # 2 MiB out
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
-
+    out = str(tmp_path / "y.npy")
+    argv = [sys.executable, "-m", "xpsoftmax", "run", "softmax", path, "-o", out]
+    # The limit is set in the child, which then execs the command (as `ulimit -f` in a shell):
+    # a preexec_fn would fork this multithreaded test process (JAX warns about that).
+    limited = (
+        "import os, resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20)); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
     done = subprocess.run(
-        [sys.executable, "-m", "xpsoftmax", "run", "softmax", path, "-o", str(tmp_path / "y.npy")],
+        [sys.executable, "-c", limited, *argv],
         capture_output=True,
         text=True,
         timeout=TIMEOUT,
         env=_env(),
-        preexec_fn=limit,
         check=False,
     )
     assert done.returncode == 2, done.stderr
