@@ -124,3 +124,48 @@ def test_unmasked_forward_rows_of_2048_stay_in_registers(dtype, packs):
     assert _cupy.choose_tier(2048, dtype, 1, True, SMEM_H100).name == "block"
     assert _cupy.choose_tier(2048, dtype, 2, False, SMEM_H100).name == "block"
     assert _cupy.choose_tier(1024, dtype, 2, True, SMEM_H100).name == "warp"
+
+
+@pytest.mark.parametrize("smem", [SMEM_H100, SMEM_A100])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("arrays", [1, 2])
+@pytest.mark.parametrize("masked", [False, True])
+def test_strided_caches_a_tile_only_when_it_fits_with_the_reserve(smem, dtype, arrays, masked):
+    itemsize = np.dtype(dtype).itemsize
+    width = 32 // itemsize
+    for n in (*range(1, 70), 1000, 2000, 3000, 3500, 5000, 7000, 20000):
+        choice = _cupy.choose_strided(n, itemsize, arrays, masked, smem)
+        tile = arrays * (-(-n * 32 // 16) * 16) + (n * width if masked else 0)
+        assert choice.width == width
+        assert choice.cached == (tile + 17 * 1024 <= smem), n
+        assert choice.smem == (tile if choice.cached else 0)
+        # the static arrays of the strided kernels (at most 8256 bytes, ptxas) always fit beside
+        assert choice.smem + 8256 + 1024 <= smem
+    assert not _cupy.choose_strided(4, itemsize, arrays, masked, smem, forced="split").cached
+
+
+def test_grid_sizes():
+    assert _cupy.grid(1, 132) == 1
+    assert _cupy.grid(10**9, 132) == 132 * _cupy.WAVES
+    assert _cupy.grid(10**9, 132, waves=1) == 132
+    assert _cupy.grid(0, 132) == 1
+
+
+def test_cross_entropy_blocks_are_whole_warps_growing_with_the_classes():
+    blocks = [_cupy.xent_block(n) for n in (1, 128, 129, 512, 513, 2048, 2049, 10**6)]
+    assert blocks == [32, 32, 64, 64, 128, 128, 256, 256]
+
+
+@pytest.mark.parametrize(
+    ("ptr", "ld", "itemsize", "ok"),
+    [
+        (0x1000, 4, 4, True),
+        (0x1004, 4, 4, False),
+        (0x1000, 5, 4, False),
+        (0x1000, 8, 2, True),
+        (0x1000, 2, 8, True),
+        (0x1000, 3, 8, False),
+    ],
+)
+def test_vectorizable(ptr, ld, itemsize, ok):
+    assert _cupy.vectorizable(ptr, ld, itemsize) is ok

@@ -33,7 +33,17 @@ from ..._call import ROW_KINDS, Call, XentCall
 from ..generic import cross_entropy as generic_xent
 from . import loader as _kernels
 from . import specs
-from .plan import SPLIT_BLOCK, STRIDED_BLOCK, WAVES, _pad16, choose_tier, merge_dims, split_chunks
+from .plan import (
+    SPLIT_BLOCK,
+    STRIDED_BLOCK,
+    choose_strided,
+    choose_tier,
+    grid,
+    merge_dims,
+    split_chunks,
+    vectorizable,
+    xent_block,
+)
 
 __all__ = ["kernel_dtype", "run", "takes"]
 
@@ -104,7 +114,7 @@ def _i32(v: int) -> np.int32:
 
 
 def _is_aligned(a: Any, ld: int) -> bool:
-    return a.data.ptr % 16 == 0 and (ld * a.itemsize) % 16 == 0
+    return vectorizable(a.data.ptr, ld, a.itemsize)
 
 
 def _rows_view(a: Any, n: int) -> tuple[Any, int] | None:
@@ -185,15 +195,15 @@ def _launch_rows(fwd: bool, arrays: tuple[Any, ...], mask: Any | None, flag: int
             specs.warp_name(direction, dtype, tier.lanes, tier.packs, masked),
         )
         rows_per_block = 128 // tier.lanes
-        grid = min(-(-rows // rows_per_block), WAVES * _kernels.occupancy_grid(kernel, 128, 0))
-        kernel((grid,), (128,), (*ptrs, np.int32(vec)))
+        g = grid(-(-rows // rows_per_block), _kernels.occupancy_grid(kernel, 128, 0))
+        kernel((g,), (128,), (*ptrs, np.int32(vec)))
     elif tier.name == "block":
         kernel = _kernels.get_function(
             "softmax.cu", specs.block_name(direction, dtype, tier.block, masked)
         )
         _kernels.set_max_dynamic_smem(kernel, tier.smem)
-        grid = min(rows, WAVES * _kernels.occupancy_grid(kernel, tier.block, tier.smem))
-        kernel((grid,), (tier.block,), (*ptrs, np.int32(vec)), shared_mem=tier.smem)
+        g = grid(rows, _kernels.occupancy_grid(kernel, tier.block, tier.smem))
+        kernel((g,), (tier.block,), (*ptrs, np.int32(vec)), shared_mem=tier.smem)
     else:
         _launch_split(direction, dtype, ptrs, rows, n, vec)
     return res
@@ -212,14 +222,14 @@ def _launch_split(direction, dtype, ptrs, rows, n, vec) -> None:
     out_args, mask_args, flag = rest[:2], rest[2:5], rest[7]
     tail = (np.int32(vec), np.int32(C), np.int32(chunk))
     k1 = _kernels.get_function("softmax_split.cu", specs.split_name(direction, "part", dtype))
-    grid1 = min(items, 8 * _kernels.occupancy_grid(k1, SPLIT_BLOCK, 0))
+    grid1 = grid(items, _kernels.occupancy_grid(k1, SPLIT_BLOCK, 0), waves=8)
     if direction == "fwd":
         args1 = (*inputs, *mask_args, _i64(rows), _i32(n), *tail, part)
     else:
         args1 = (*inputs, *mask_args, _i64(rows), _i32(n), flag, *tail, part)
     k1((grid1,), (SPLIT_BLOCK,), args1)
     k2 = _kernels.get_function("softmax_split.cu", specs.split_name(direction, "apply", dtype))
-    grid2 = min(items, 8 * _kernels.occupancy_grid(k2, SPLIT_BLOCK, 0))
+    grid2 = grid(items, _kernels.occupancy_grid(k2, SPLIT_BLOCK, 0), waves=8)
     args2 = (*inputs, *out_args, *mask_args, _i64(rows), _i32(n), flag, *tail, part)
     k2((grid2,), (SPLIT_BLOCK,), args2)
 
@@ -250,22 +260,22 @@ def _launch_strided(fwd: bool, arrays, axis: int, mask, flag: int, out):
     else:
         res = cp.empty(shape, dtype=a0.dtype)
     dtype = _dtypes.kernel_dtype(a0.dtype).name
-    itemsize = a0.itemsize
-    width = 32 // itemsize
-    smem = len(arrays) * _pad16(n * width * itemsize) + (n * width if mask is not None else 0)
     direction = "fwd" if fwd else "bwd"
     device = cp.cuda.runtime.getDevice()
-    fits = smem + 16 * 1024 + 1024 <= _kernels.max_dynamic_smem(device)
-    cached = fits and _config.tuning().tier != "split"
-    kernel = _kernels.get_function("softmax.cu", specs.strided_name(direction, dtype, cached))
-    if not cached:
-        smem = 0
+    smem_limit = _kernels.max_dynamic_smem(device)
+    choice = choose_strided(
+        n, a0.itemsize, len(arrays), mask is not None, smem_limit, _config.tuning().tier
+    )
+    kernel = _kernels.get_function(
+        "softmax.cu", specs.strided_name(direction, dtype, choice.cached)
+    )
+    smem = choice.smem
     _kernels.set_max_dynamic_smem(kernel, smem)
-    tiles = outer * -(-inner // width)
-    grid = min(tiles, _kernels.occupancy_grid(kernel, STRIDED_BLOCK, smem))
+    tiles = outer * -(-inner // choice.width)
+    g = grid(tiles, _kernels.occupancy_grid(kernel, STRIDED_BLOCK, smem), waves=1)
     mp, so, sj, si = _strided_mask(mask, axis)
     args = (*arrays, res, mp, _i64(so), _i64(sj), _i64(si), _i64(outer), _i32(n), _i64(inner))
-    kernel((grid,), (STRIDED_BLOCK,), (*args, np.int32(flag)), shared_mem=smem)
+    kernel((g,), (STRIDED_BLOCK,), (*args, np.int32(flag)), shared_mem=smem)
     return res
 
 
@@ -321,11 +331,11 @@ def _xent_launch(direction: str, p: XentCall, rows: int, head: tuple[Any, ...]) 
     ctype = _dtypes.kernel_dtype(p.x_in.dtype).ctype
     kernel = _kernels.get_function("cross_entropy.cu", f"xps_xent_{direction}<{ctype}>")
     n = p.n_classes
-    block = 32 if n <= 128 else 64 if n <= 512 else 128 if n <= 2048 else 256
-    grid = max(1, min(rows, _kernels.occupancy_grid(kernel, block)))
+    block = xent_block(n)
+    g = grid(rows, _kernels.occupancy_grid(kernel, block), waves=1)
     ignore = np.int64(0 if p.ignore is None else p.ignore)
     tail = (np.int64(rows), np.int64(n), ignore, np.int32(p.ignore is not None), np.float64(p.eps))
-    kernel((grid,), (block,), (*head, *tail))
+    kernel((g,), (block,), (*head, *tail))
 
 
 def _xent(p: XentCall) -> Any:

@@ -19,7 +19,17 @@ import numpy as np
 
 from . import specs
 
-__all__ = ["Tier", "choose_tier", "merge_dims", "split_chunks"]
+__all__ = [
+    "Strided",
+    "Tier",
+    "choose_strided",
+    "choose_tier",
+    "grid",
+    "merge_dims",
+    "split_chunks",
+    "vectorizable",
+    "xent_block",
+]
 
 #: Longest row (elements) for the register tier, per dtype.
 WARP_MAX = {"float16": 1024, "float32": 1024, "float64": 512}
@@ -37,6 +47,10 @@ SPLIT_CHUNK_BYTES = 128 * 1024
 WAVES = 16
 SPLIT_BLOCK = 512
 STRIDED_BLOCK = 512
+#: Shared memory the strided tier leaves free below the opt-in limit: the kernels' static arrays
+#: (up to about 8 KiB, ``red_m``/``red_s``/``fin`` of kernels/softmax.cu) with room to spare, and
+#: the 1 KiB the hardware reserves a block.
+STRIDED_SMEM_RESERVE = 16 * 1024 + 1024
 
 
 def merge_dims(shape: tuple[int, ...], strides: tuple[int, ...]) -> int | None:
@@ -108,3 +122,39 @@ def split_chunks(n: int, dtype: str) -> tuple[int, int]:
     v = specs.VEC[dtype]
     chunk = max(v, (SPLIT_CHUNK_BYTES // np.dtype(dtype).itemsize) // v * v)
     return chunk, -(-n // chunk)
+
+
+def vectorizable(ptr: int, ld: int, itemsize: int) -> bool:
+    """Whether rows at ``ptr`` with a stride of ``ld`` elements allow 16-byte packs."""
+    return ptr % 16 == 0 and (ld * itemsize) % 16 == 0
+
+
+@dataclass(frozen=True)
+class Strided:
+    """A launch choice for the strided tier (softmax over a middle axis)."""
+
+    cached: bool  # the tile is kept in shared memory (one read of the input)
+    smem: int  # dynamic shared memory of a block (0 when not cached)
+    width: int  # inner positions of one tile (32 bytes of them)
+
+
+def choose_strided(
+    n: int, itemsize: int, arrays: int, masked: bool, smem_limit: int, forced: str | None = None
+) -> Strided:
+    """The strided plan for ``(outer, n, inner)``: cache the ``n x width`` tile of each input
+    (and its mask bytes) when it fits with :data:`STRIDED_SMEM_RESERVE` to spare, else read twice
+    (also when the benchmarks force the ``split`` tier)."""
+    width = 32 // itemsize
+    smem = arrays * _pad16(n * width * itemsize) + (n * width if masked else 0)
+    cached = smem + STRIDED_SMEM_RESERVE <= smem_limit and forced != "split"
+    return Strided(cached, smem if cached else 0, width)
+
+
+def grid(items: int, full_device: int, waves: int = WAVES) -> int:
+    """Blocks of a grid-stride loop over ``items``: at most ``waves`` device-filling grids."""
+    return max(1, min(items, waves * full_device))
+
+
+def xent_block(n: int) -> int:
+    """Threads of a cross-entropy block for rows of ``n`` classes (whole warps, at most 256)."""
+    return 32 if n <= 128 else 64 if n <= 512 else 128 if n <= 2048 else 256
