@@ -543,6 +543,11 @@ def _make_bad_files(t):
     (t / "extra.npy").write_bytes(good.read_bytes() + b"\0" * 8)
     (t / "header.npy").write_bytes(b"\x93NUMPY\x01\x00\x10\x00{'descr': <f8,  }\n")
     (t / "tiny.npy").write_bytes(b"\x93NU")
+    with open(t / "negative.npy", "wb") as f:  # a header numpy reads, with 48 bytes of "data"
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "<f8", "fortran_order": False, "shape": (-2, 3)}
+        )
+        f.write(b"\0" * 48)
     (t / "dir.npy").mkdir()
     (t / "link.npy").symlink_to(good)
     os.link(good, t / "hardlink.npy")
@@ -569,6 +574,11 @@ BAD_RUNS = [
     ),
     ("extra bytes", "softmax {t}/extra.npy -o {t}/out.npy", "8 unexpected bytes after the data"),
     ("bad header", "softmax {t}/header.npy -o {t}/out.npy", "header.npy': corrupt .npy header"),
+    (
+        "negative shape",
+        "softmax {t}/negative.npy -o {t}/out.npy",
+        "negative.npy': corrupt .npy header (negative shape (-2, 3))",
+    ),
     (
         "pickle",
         "softmax {t}/objects.npy -o {t}/out.npy",
