@@ -210,6 +210,16 @@ def test_info_reports_versions_without_importing_frameworks():
     assert rows["jax"] == importlib.metadata.version("jax")
     assert rows["dask"] == importlib.metadata.version("dask")
     assert rows["cupy"].startswith(importlib.metadata.version("cupy-cuda13x"))
+    assert rows["distributed"] == importlib.metadata.version("distributed")
+    assert rows["scipy"] == scipy.__version__
+    try:
+        assert rows["numba"] == importlib.metadata.version("numba")
+    except importlib.metadata.PackageNotFoundError:
+        assert rows["numba"] == "not installed"
+    threads = len(os.sched_getaffinity(0))
+    assert rows["CPU path"] == (
+        f"numpy (blocked), {threads} thread{'s' * (threads > 1)}; numba is not used"
+    )
     if has_gpu():
         assert re.match(r"\d+ \(0: ", rows["CUDA devices"])
     else:
@@ -231,6 +241,47 @@ def test_info_shows_kernel_mode_set_in_process(monkeypatch, capsys):
     with xpsoftmax.kernels("always"):
         assert cli.main(["info"]) == 0
     assert "kernel mode       always (XPSOFTMAX_KERNELS unset)\n" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"XPSOFTMAX_NUM_THREADS": "1"}, "numpy (blocked), 1 thread; numba is not used"),
+        ({"XPSOFTMAX_NUM_THREADS": "3"}, "numpy (blocked), 3 threads; numba is not used"),
+        ({"XPSOFTMAX_NUMPY_FAST": "0"}, "generic array-API code (XPSOFTMAX_NUMPY_FAST=0)"),
+        ({"XPSOFTMAX_NUMPY_FAST": "2"}, "invalid (environment variable XPSOFTMAX_NUMPY_FAST"),
+    ],
+)
+def test_info_reports_the_cpu_path(env, expected, monkeypatch, capsys):
+    for name in ("XPSOFTMAX_NUM_THREADS", "XPSOFTMAX_NUMPY_FAST"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert cli.main(["info"]) == 0
+    (row,) = (line for line in capsys.readouterr().out.splitlines() if line.startswith("CPU path"))
+    assert row.split(None, 2)[2].startswith(expected)
+
+
+@pytest.mark.parametrize("command", ["demo", "run", "bench", "info"])
+def test_help_ends_with_examples_that_parse(command, capsys):
+    """Each subcommand's --help ends with two or three examples, each a valid command line."""
+    import shlex
+
+    with pytest.raises(SystemExit) as done:
+        cli.main([command, "--help"])
+    assert done.value.code == 0
+    text = capsys.readouterr().out
+    head, _, tail = text.rstrip("\n").rpartition("\nexamples:\n")
+    assert head.startswith(f"usage: xpsoftmax {command}")
+    examples = tail.splitlines()
+    assert 2 <= len(examples) <= 3, text
+    for line in examples:
+        words = shlex.split(line, comments=True)
+        while "=" in words[0]:  # an environment assignment in front
+            words.pop(0)
+        assert words[:2] == ["xpsoftmax", command], line
+        namespace = cli._parser().parse_args(words[1:])  # raises CommandError if it does not
+        assert namespace.func.__name__ == f"_{command}"
 
 
 def test_info_reports_an_invalid_kernel_mode():

@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import NoReturn
 
@@ -48,6 +49,9 @@ _LIBRARIES = (
     ("jax", "jax"),
     ("jaxlib", "jaxlib"),
     ("dask", "dask"),
+    ("distributed", "distributed"),
+    ("scipy", "scipy"),
+    ("numba", "numba"),
 )
 
 
@@ -174,6 +178,19 @@ def _kernel_mode() -> str:
         return f"invalid ({exc})"
 
 
+def _cpu_path() -> str:
+    """Which code NumPy arrays take, as the NumPy backend decides (``_config``)."""
+    from .._config import num_threads, numpy_fast
+
+    try:
+        if not numpy_fast():
+            return "generic array-API code (XPSOFTMAX_NUMPY_FAST=0)"
+        threads = num_threads()
+    except ValueError as exc:
+        return f"invalid ({exc})"
+    return f"numpy (blocked), {threads} thread{'s' if threads > 1 else ''}; numba is not used"
+
+
 def _info(args: argparse.Namespace) -> int:
     from .. import __file__ as package_file
     from .. import __version__
@@ -185,6 +202,7 @@ def _info(args: argparse.Namespace) -> int:
         ("CUDA devices", _cuda_devices()),
         ("nvcc", _nvcc()),
         ("kernel mode", _kernel_mode()),
+        ("CPU path", _cpu_path()),
         ("CPUs", devices.cpu_summary()),
     ]
     width = max(len(label) for label, _ in rows)
@@ -253,9 +271,24 @@ def _device_option(parser: argparse.ArgumentParser, help: str) -> None:
     parser.add_argument("--device", choices=devices.CHOICES, default="auto", help=help)
 
 
-def _command(sub, name: str, help: str, *description: str) -> argparse.ArgumentParser:
-    """A subcommand: ``help`` for the command list, ``description`` (joined) for its --help."""
-    return sub.add_parser(name, help=help, description="".join(description))
+def _command(
+    sub, name: str, help: str, *description: str, examples: Sequence[str] = ()
+) -> argparse.ArgumentParser:
+    """A subcommand: ``help`` for the command list, ``description`` (joined, wrapped) and
+    ``examples`` (``(comment, command)`` lines, kept as written) for its --help."""
+    parser = sub.add_parser(
+        name,
+        help=help,
+        description=textwrap.fill("".join(description), _help_width()),
+        epilog="examples:\n" + "\n".join(f"  {line}" for line in examples) if examples else None,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    return parser
+
+
+def _help_width() -> int:
+    """argparse's width: the terminal's, less a margin."""
+    return max(shutil.get_terminal_size().columns - 2, 40)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -277,6 +310,11 @@ def _parser() -> argparse.ArgumentParser:
         "classifier logits on the best device present, compare with a float64 reference, "
         "check the gradients with finite differences and time each function. "
         "Exit status 0 when every check passes, 1 otherwise.",
+        examples=(
+            "xpsoftmax demo                                  # 4096 x 1000 float32, best device",
+            "xpsoftmax demo --device cpu --dtype float64 --rows 256",
+            "xpsoftmax demo --rows 65536 --classes 32768 --repeat 10",
+        ),
     )
     _device_option(demo, "auto (default): CuPy's GPU when one is present, else NumPy on the CPU")
     demo.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="default float32")
@@ -292,9 +330,14 @@ def _parser() -> argparse.ArgumentParser:
         "softmax, log_softmax, their backward or cross_entropy on .npy files, in bounded "
         "memory, on the CPU, a GPU or a Dask cluster",
         "Apply OP to .npy files and write the result to OUTPUT (.npy). Inputs are "
-        "memory-mapped and processed in blocks of whole softmax lines, so memory stays "
-        "bounded whatever the file size. The output is written to a temporary file beside "
-        "OUTPUT and renamed when complete: an error or Ctrl-C never leaves a partial OUTPUT.",
+        "read in blocks of whole softmax lines, so memory stays bounded whatever the file "
+        "size. The output is written to a temporary file beside OUTPUT and published when "
+        "complete: an error or a signal never leaves a partial OUTPUT.",
+        examples=(
+            "xpsoftmax run log_softmax logits.npy -o logprobs.npy --progress",
+            "xpsoftmax run softmax_backward y.npy dy.npy -o dx.npy --batch-mb 64",
+            "xpsoftmax run cross_entropy logits.npy targets.npy -o losses.npy --dask local:2",
+        ),
     )
     run.add_argument(
         "op",
@@ -348,6 +391,10 @@ def _parser() -> argparse.ArgumentParser:
         "plain formula and scipy.special.softmax (when installed) with NumPy, and against "
         "the formula with CuPy when a GPU is present; check every result against float64. "
         "Exit status 1 when a result is wrong.",
+        examples=(
+            "xpsoftmax bench                                 # CPU, and the GPU when present",
+            "xpsoftmax bench --device cpu --elements 1048576 --repeat 3",
+        ),
     )
     bench.add_argument(
         "--elements",
@@ -366,7 +413,11 @@ def _parser() -> argparse.ArgumentParser:
         "versions, CUDA devices, nvcc, kernel mode, CPUs",
         "Print the package version, the versions of the array libraries installed (found "
         "from their metadata, without importing them), the CUDA devices CuPy sees, whether "
-        "nvcc is on PATH, the kernel mode and the CPU count.",
+        "nvcc is on PATH, the kernel mode, the CPU path NumPy arrays take and the CPU count.",
+        examples=(
+            "xpsoftmax info",
+            "XPSOFTMAX_KERNELS=never xpsoftmax info          # the kernel mode it would run in",
+        ),
     )
     info.set_defaults(func=_info)
 
