@@ -1026,35 +1026,55 @@ def test_run_input_replaced_while_read(tmp_path, monkeypatch, capsys):
     assert _listing(tmp_path) == ["x.npy"]
 
 
-def test_run_twins_on_the_same_new_output(tmp_path, capsys):
-    """Two runs to the same new output at once, 20 times: exactly one writes it each time."""
-    import threading
+# Each of two processes runs this: for each round, it says it is ready, waits for its twin to be
+# ready too (a barrier of files: both start the run within microseconds), then runs to the
+# round's output and prints its exit status and stderr.
+_TWIN = """
+import os, sys, contextlib, io
+from xpsoftmax.tools.cli import main
+me, other, folder, source, rounds = sys.argv[1:6]
+for i in range(int(rounds)):
+    open(os.path.join(folder, f"ready{i}.{me}"), "w").close()
+    while not os.path.exists(os.path.join(folder, f"ready{i}.{other}")):
+        pass
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        status = main(["run", "softmax", source, "-o", os.path.join(folder, f"y{i}.npy")])
+    print(status, err.getvalue().strip(), flush=True)
+"""
 
-    from xpsoftmax.tools.batch import job as _job
-    from xpsoftmax.tools.batch import run as _batch_run
 
-    path = _save(tmp_path, "x.npy", np.zeros((256, 64)))
-    spec = _job.Spec("softmax", (path,), batch_bytes=4096)
-
-    def one(out: Path, barrier: threading.Barrier, results: list[str]) -> None:
-        barrier.wait()
-        try:
-            _batch_run.run(spec, str(out))
-            results.append("ok")
-        except _job.BatchError as exc:
-            results.append(str(exc))
-
-    for attempt in range(20):
-        out, barrier, results = tmp_path / f"y{attempt}.npy", threading.Barrier(2), []
-        threads = [threading.Thread(target=one, args=(out, barrier, results)) for _ in "ab"]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert results.count("ok") == 1, results
-        (err,) = (r for r in results if r != "ok")
+def test_run_twin_processes_on_the_same_new_output(tmp_path):
+    """Two processes started together on the same new output, 20 times: exactly one writes it
+    each time, the other gets status 2 and one line ("exists" or "being written")."""
+    rounds = 20
+    path = _save(tmp_path, "x.npy", np.random.default_rng(3).standard_normal((256, 64)))
+    sync = tmp_path / "sync"
+    sync.mkdir()
+    twins = [
+        subprocess.Popen(
+            [sys.executable, "-c", _TWIN, me, other, str(sync), path, str(rounds)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for me, other in (("a", "b"), ("b", "a"))
+    ]
+    outs = [t.communicate(timeout=TIMEOUT) for t in twins]
+    assert [t.returncode for t in twins] == [0, 0], outs
+    results = [out.splitlines() for out, _ in outs]
+    assert all(len(r) == rounds for r in results), outs
+    expected = xpsoftmax.softmax(np.load(path))
+    for i, pair in enumerate(zip(*results, strict=True)):
+        statuses = sorted(int(r.split(" ", 1)[0]) for r in pair)
+        assert statuses == [0, 2], (i, pair)
+        (err,) = (r.split(" ", 1)[1] for r in pair if r.startswith("2 "))
+        assert err.count("\n") == 0 and err.startswith("xpsoftmax: error: output ")
         assert "exists; pass --overwrite" in err or "is being written by another run" in err
-    assert len(_listing(tmp_path)) == 21  # no temporary file
+        np.testing.assert_array_equal(np.load(sync / f"y{i}.npy"), expected)
+    assert sorted(p.name for p in sync.glob("y*")) == sorted(f"y{i}.npy" for i in range(rounds))
+    assert not list(sync.glob(".*"))  # no temporary file
 
 
 def test_run_never_replaces_an_output_made_meanwhile(tmp_path, monkeypatch, capsys):
