@@ -16,6 +16,7 @@ import subprocess
 import sys
 import sysconfig
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -171,6 +172,92 @@ def test_check_fails_on_a_name_expression_the_source_lacks(tmp_path):
         'identifier "xps_missing"' in err
     )
     assert "xpsoftmax-kcheck-" not in err  # the temporary file is not named
+
+
+@needs_nvcc
+def test_units_of_a_broken_source_report_its_error_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(_kcheck, "_CHUNK", 1)  # each name expression in its own unit
+    (tmp_path / "broken.cu").write_text(_BROKEN)
+    names = ["xps_broken<float>", "xps_broken<double>"]
+    status, out, err = _check(["sm_80"], {"broken.cu": names}, tmp_path)
+    assert status == 1
+    assert err.count("broken.cu failed to compile for sm_80") == 1
+    assert err.count(f"{tmp_path / 'broken.cu'}(3): error") == 1
+    assert ", 1 compile errors," in out
+
+
+@needs_nvcc
+def test_units_keep_the_line_of_a_missing_name_expression(tmp_path, monkeypatch):
+    monkeypatch.setattr(_kcheck, "_CHUNK", 1)
+    (tmp_path / "tile.cu").write_text(_GOOD)
+    (tmp_path / "tile_common.cuh").write_text(_GOOD_HEADER)
+    names = ["xps_tile<float, 4>", "xps_missing<float>"]
+    status, _out, err = _check(["sm_80"], {"tile.cu": names}, tmp_path)
+    assert status == 1
+    assert (
+        "<name expressions of tile.cu in xpsoftmax.backends.cuda.specs.SOURCES>(2): error: "
+        'identifier "xps_missing"' in err
+    )
+
+
+@needs_nvcc
+@needs_demangler
+def test_rows_are_printed_while_later_units_still_compile(tmp_path, monkeypatch):
+    monkeypatch.setattr(_kcheck, "_CHUNK", 1)
+    (tmp_path / "tile.cu").write_text(_GOOD)
+    (tmp_path / "tile_common.cuh").write_text(_GOOD_HEADER)
+    out, err = io.StringIO(), io.StringIO()
+    first = re.compile(r"^tile\.cu +xps_tile<float, 4> +sm_80 ", re.MULTILINE)
+    seen_while_compiling = []
+    compile_one = _kcheck._compile
+
+    def compile_slowly(nvcc, tu, filename, arch):
+        if "xps_tile<double, 2>" in tu.read_text():  # the second unit waits for the first row
+            deadline = time.monotonic() + 60
+            while not first.search(out.getvalue()) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            seen_while_compiling.append(bool(first.search(out.getvalue())))
+        return compile_one(nvcc, tu, filename, arch)
+
+    monkeypatch.setattr(_kcheck, "_compile", compile_slowly)
+    names = ["xps_tile<float, 4>", "xps_tile<double, 2>"]
+    status = _kcheck.check(
+        ["sm_80"], sources={"tile.cu": names}, directory=tmp_path, out=out, err=err
+    )
+    assert status == 0, err.getvalue()
+    assert seen_while_compiling == [True]
+    lines = out.getvalue().splitlines()
+    assert lines[0].split() == ["file", "kernel", "arch", "regs", "spill", "st", "spill", "ld",
+                                "stack", "smem"]  # fmt: skip
+    assert [line.split("  ")[1].strip() for line in lines[1:3]] == names
+    assert len({len(line) for line in lines[:3]}) == 1  # columns fixed before the rows came
+    assert err.getvalue() == ""  # not a terminal: no progress bar
+
+
+@needs_nvcc
+def test_progress_bar_counts_kernel_instantiations_on_err(tmp_path):
+    (tmp_path / "tile.cu").write_text(_GOOD)
+    (tmp_path / "tile_common.cuh").write_text(_GOOD_HEADER)
+    out, err = io.StringIO(), io.StringIO()
+    names = ["xps_tile<float, 4>", "xps_tile<double, 2>"]
+    status = _kcheck.check(
+        ARCHS, sources={"tile.cu": names}, directory=tmp_path, out=out, err=err, progress=True
+    )
+    assert status == 0, err.getvalue()
+    assert re.search(r"nvcc: +0%\|.*\| 0/4 ", err.getvalue()), err.getvalue()
+    # 4 = 2 name expressions x 2 archs; the bar is cleared when the check ends
+    assert re.search(r"\r +\r$", err.getvalue()), err.getvalue()
+    assert "nvcc" not in out.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("flags", "progress"), [([], None), (["--progress"], True), (["--no-progress"], False)]
+)
+def test_progress_flags_reach_the_check(monkeypatch, flags, progress):
+    calls = []
+    monkeypatch.setattr(_kcheck, "check", lambda archs, **kw: calls.append((archs, kw)) or 0)
+    assert _kcheck.main(["--check", "--arch", "sm_80", *flags]) == 0
+    assert calls == [(["sm_80"], {"progress": progress})]
 
 
 @needs_nvcc

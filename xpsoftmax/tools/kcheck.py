@@ -7,6 +7,10 @@ makes the compiler instantiate exactly the template kernels that NVRTC compiles 
 kernel; one row is printed per kernel instantiation and architecture. No GPU is needed, only the
 CUDA toolkit's ``nvcc``.
 
+The table's header comes at once and its rows as their compiles finish (the name expressions are
+compiled in units of ``_CHUNK``, on up to ``_MAX_JOBS`` CPUs); a progress bar goes to stderr when
+it is a terminal (``--progress`` / ``--no-progress`` to choose).
+
 Exit status: 0 when everything compiled without spilling, 1 on a compile error (nvcc's messages
 name the file in ``kernels/``) or on any spill, 2 for bad arguments or a missing ``nvcc``.
 """
@@ -21,18 +25,25 @@ import sys
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import NoReturn, TextIO
 
+from tqdm import tqdm
+
+from .. import _config
 from ..backends.cuda import loader as _kernels
 from ..backends.cuda.specs import SOURCES
 
 DEFAULT_ARCHS = ("sm_80", "sm_90")
 # Mirrors what CuPy passes to NVRTC (``-ftz=true`` is CuPy's), so register counts match run time.
 NVCC_OPTIONS = ("-std=c++17", "-ftz=true", "--resource-usage")
-_JOBS = 2
+# Name expressions per translation unit: softmax.cu's 130 in one unit took 22 s for one arch
+# (2-core VM, 2026-12-03), 16 took 1.9 s and 1 took 0.3 s, so units of 24 cost little and let
+# the rows and the progress bar advance every few seconds.
+_CHUNK = 24
+_MAX_JOBS = 8  # concurrent nvcc processes, at most the usable CPUs
 
 _ENTRY = re.compile(r"Compiling entry function '([^']+)' for '([^']+)'")
 _PROPERTIES = re.compile(r"Function properties for (\S+)")
@@ -128,10 +139,11 @@ def _label(filename: str) -> str:
     return f"<name expressions of {filename} in xpsoftmax.backends.cuda.specs.SOURCES>"
 
 
-def _translation_unit(path: Path, filename: str, names: Sequence[str]) -> str:
+def _translation_unit(path: Path, filename: str, names: Sequence[str], first: int = 1) -> str:
     """Source that includes ``path`` and instantiates every name expression in ``names``.
 
-    nvcc reports an error in the k-th name expression at line k of :func:`_label`.
+    ``names`` start at the ``first``-th name expression of ``filename``: nvcc reports an error in
+    the k-th name expression of the file at line k of :func:`_label`.
     """
     include = str(path).replace("\\", "\\\\").replace('"', '\\"')
     keep = ",\n".join(f"  (void*)&{name}" for name in names)
@@ -139,7 +151,7 @@ def _translation_unit(path: Path, filename: str, names: Sequence[str]) -> str:
         f'#include "{include}"\n'
         "// Taking each kernel's address instantiates it, as NVRTC's name expressions do.\n"
         "[[maybe_unused]] static void* const xps_kcheck_keep[] = {\n"
-        f'#line 1 "{_label(filename)}"\n'
+        f'#line {first} "{_label(filename)}"\n'
         f"{keep}\n}};\n"
     )
 
@@ -198,15 +210,19 @@ def check(
     directory: Path | None = None,
     out: TextIO | None = None,
     err: TextIO | None = None,
+    progress: bool | None = None,
 ) -> int:
     """Compile every name expression of ``sources`` for each arch and print the resource table.
 
     ``sources`` (file name -> name expressions) defaults to ``SOURCES``, and files are found with
-    ``loader.source_path`` unless ``directory`` is given; both exist for the tests. Returns
-    the exit status described in the module docstring.
+    ``loader.source_path`` unless ``directory`` is given; both exist for the tests. The table's
+    header is printed before the first compile and its rows as their translation units finish, in
+    the table's order; ``progress`` (default: when ``err`` is a terminal) shows a progress bar on
+    ``err``. Returns the exit status described in the module docstring.
     """
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
+    progress = _isatty(err) if progress is None else progress
     sources = SOURCES if sources is None else sources
     nvcc = shutil.which("nvcc")
     if nvcc is None:
@@ -225,7 +241,7 @@ def check(
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="xpsoftmax-kcheck-") as tmp:
-        jobs = []
+        groups: list[list[_Job]] = []
         for i, (filename, names) in enumerate(sources.items()):
             try:
                 if directory is None:
@@ -235,85 +251,184 @@ def check(
             except FileNotFoundError as e:
                 print(f"xpsoftmax kernels: error: {e}", file=err)
                 return 1
-            tu = Path(tmp) / f"tu{i}_{Path(filename).stem}.cu"
-            tu.write_text(_translation_unit(path.resolve(), filename, names), encoding="utf-8")
-            jobs.extend((tu, filename, arch) for arch in archs)
-        with ThreadPoolExecutor(max_workers=_JOBS) as pool:
-            results = list(pool.map(lambda job: _compile(nvcc, *job), jobs))
+            for first in range(0, len(names) or 1, _CHUNK):
+                chunk = names[first : first + _CHUNK]
+                tu = Path(tmp) / f"tu{i}_{Path(filename).stem}_{first}.cu"
+                text = _translation_unit(path.resolve(), filename, chunk, first + 1)
+                tu.write_text(text, encoding="utf-8")
+                groups.append([_Job(tu, filename, arch, len(chunk)) for arch in archs])
+        table = _Table(sources, list(archs), out)
+        results = _compile_all(nvcc, groups, table, err, progress)
     elapsed = time.perf_counter() - start
-    return _report(results, sources, list(archs), out, err, elapsed)
+    return _report(results, table, list(archs), out, err, elapsed)
+
+
+def _isatty(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+def _workers() -> int:
+    """Concurrent nvcc processes: the usable CPUs, at most ``_MAX_JOBS``."""
+    return max(1, min(_MAX_JOBS, _config.available_cpus()))
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One nvcc run: a translation unit of ``count`` name expressions of ``filename``, one arch."""
+
+    tu: Path
+    filename: str
+    arch: str
+    count: int
+
+
+def _compile_all(
+    nvcc: str, groups: list[list[_Job]], table: _Table, err: TextIO, progress: bool
+) -> list[_Result]:
+    """Run every job; print each group's rows (all archs of one chunk) once all before it are in.
+
+    The progress bar counts kernel instantiations compiled (one per name expression and arch) and
+    refreshes every second, so its clock runs during a long compile.
+    """
+    total = sum(job.count for group in groups for job in group)
+    bar = tqdm(total=total, desc="nvcc", unit="kernel", file=err, disable=not progress, leave=False)
+    results: list[_Result] = []
+    with bar, ThreadPoolExecutor(max_workers=_workers()) as pool:
+        futures = [[(pool.submit(_compile, nvcc, *_args(job)), job) for job in g] for g in groups]
+        count = {f: job.count for group in futures for f, job in group}
+        pending = set(count)
+        printed = 0
+        while pending:
+            done, pending = wait(pending, timeout=1.0, return_when=FIRST_COMPLETED)
+            for f in done:
+                bar.update(count[f])
+            if not done:
+                bar.refresh()  # the elapsed time
+            while printed < len(futures) and all(f.done() for f, _ in futures[printed]):
+                group = [f.result() for f, _ in futures[printed]]
+                with tqdm.external_write_mode(file=table.out):
+                    table.add(group)
+                results.extend(group)
+                printed += 1
+    return results
+
+
+def _args(job: _Job) -> tuple[Path, str, str]:
+    return job.tu, job.filename, job.arch
+
+
+class _Table:
+    """The resource table, printed a group of rows at a time in columns fixed up front.
+
+    The kernel column is as wide as the longest name expression; a row labelled with a longer
+    demangled name (see the note in :func:`_report`) shifts its line's later columns.
+    """
+
+    HEAD = ("file", "kernel", "arch", "regs", "spill st", "spill ld", "stack", "smem")
+    # Numeric columns: at least as wide as the header, and smem as wide as 48 KiB (49152).
+    _MIN = (0, 0, 0, 4, 8, 8, 5, 5)
+
+    def __init__(self, sources: Mapping[str, Sequence[str]], archs: list[str], out: TextIO):
+        self.sources, self.archs, self.out = sources, archs, out
+        labels = [name for names in sources.values() for name in names]
+        first = (list(sources), labels, archs)
+        self.widths = [
+            max([len(self.HEAD[c]), self._MIN[c], *(len(v) for v in (first[c] if c < 3 else ()))])
+            for c in range(len(self.HEAD))
+        ]
+        self.rows: list[tuple[str, str, Usage]] = []  # (file, label, usage), in print order
+        self.spills: list[str] = []
+        self.unmatched: dict[tuple[str, str], None] = {}
+        self._found: dict[str, set[str]] = {}
+        self._compiled: set[str] = set()
+        self._line(self.HEAD)
+
+    def _line(self, row: Sequence[object]) -> None:
+        cells = [
+            str(v).ljust(w) if c < 3 else str(v).rjust(w)
+            for c, (v, w) in enumerate(zip(row, self.widths, strict=True))
+        ]
+        print("  ".join(cells).rstrip(), file=self.out, flush=True)
+
+    def add(self, results: list[_Result]) -> None:
+        """Print the rows of ``results`` (one chunk of one file, every arch), kernel by kernel."""
+        demangled = _demangle(sorted({u.mangled for r in results for u in r.usages}))
+        order = {_normal(n): (i, n) for i, n in enumerate(self.sources[results[0].filename])}
+        rows: list[tuple[int, str, int, str, Usage]] = []
+        for r in results:
+            found = self._found.setdefault(r.filename, set())
+            if r.returncode == 0:
+                self._compiled.add(r.filename)
+            for u in r.usages:
+                text = _template_text(demangled[u.mangled])
+                if u.spill_stores or u.spill_loads:
+                    self.spills.append(
+                        f"{text} in {r.filename} spills on {r.arch}: "
+                        f"{u.spill_stores} bytes stored, {u.spill_loads} bytes loaded"
+                    )
+                if u.entry:
+                    index, label = order.get(_normal(text), (len(order), text))
+                    found.add(label)
+                    arch = self.archs.index(u.arch) if u.arch in self.archs else len(self.archs)
+                    rows.append((index, label, arch, r.filename, u))
+        rows.sort(key=lambda row: row[:3])
+        for _, label, _, filename, u in rows:
+            self.rows.append((filename, label, u))
+            values = (u.registers, u.spill_stores, u.spill_loads, u.stack, u.smem)
+            self._line((filename, label, u.arch, *values))
+
+    def finish(self) -> None:
+        """The name expressions of compiled files that no row is labelled with."""
+        for filename in self.sources:
+            if filename in self._compiled:
+                found = self._found.get(filename, set())
+                names = self.sources[filename]
+                self.unmatched.update({(filename, n): None for n in names if n not in found})
 
 
 def _report(
     results: list[_Result],
-    sources: Mapping[str, Sequence[str]],
+    table: _Table,
     archs: list[str],
     out: TextIO,
     err: TextIO,
     elapsed: float,
 ) -> int:
-    failed = [r for r in results if r.returncode != 0]
-    for r in failed:
-        print(f"xpsoftmax kernels: {r.filename} failed to compile for {r.arch}:", file=err)
-        print(_readable(r), file=err)
+    """nvcc's errors and warnings (each once per file and arch), the notes and the summary line."""
+    failed: dict[tuple[str, str], dict[str, None]] = {}
+    said: dict[tuple[str, str], dict[str, None]] = {}
     for r in results:
-        if r.returncode == 0 and _diagnostics(r.stderr):
-            print(f"xpsoftmax kernels: nvcc said for {r.filename} ({r.arch}):", file=err)
-            print(_readable(r), file=err)
+        if r.returncode != 0:
+            failed.setdefault((r.filename, r.arch), {})[_readable(r)] = None
+        elif _diagnostics(r.stderr):
+            said.setdefault((r.filename, r.arch), {})[_readable(r)] = None
+    for (filename, arch), texts in failed.items():
+        print(f"xpsoftmax kernels: {filename} failed to compile for {arch}:", file=err)
+        print("\n\n".join(texts), file=err)
+    for (filename, arch), texts in said.items():
+        print(f"xpsoftmax kernels: nvcc said for {filename} ({arch}):", file=err)
+        print("\n\n".join(texts), file=err)
 
-    demangled = _demangle(sorted({u.mangled for r in results for u in r.usages}))
-    files = {filename: i for i, filename in enumerate(sources)}
-    rows: list[tuple[int, int, str, int, str, Usage]] = []
-    spills: list[str] = []
-    unmatched: dict[tuple[str, str], None] = {}
-    for r in results:
-        order = {_normal(name): (i, name) for i, name in enumerate(sources[r.filename])}
-        found = set()
-        for u in r.usages:
-            text = _template_text(demangled[u.mangled])
-            if u.spill_stores or u.spill_loads:
-                spills.append(
-                    f"{text} in {r.filename} spills on {r.arch}: "
-                    f"{u.spill_stores} bytes stored, {u.spill_loads} bytes loaded"
-                )
-            if u.entry:
-                index, label = order.get(_normal(text), (len(order), text))
-                found.add(label)
-                arch = archs.index(u.arch) if u.arch in archs else len(archs)
-                rows.append((files[r.filename], index, label, arch, r.filename, u))
-        if r.returncode == 0:
-            unmatched.update({(r.filename, n): None for n in sources[r.filename] if n not in found})
-    rows.sort(key=lambda row: row[:4])
-    for filename, name in unmatched:
+    table.finish()
+    for filename, name in table.unmatched:
         print(
             f"xpsoftmax kernels: note: no row is labelled {name} ({filename}); its kernel is "
             "listed under the name the demangler gives",
             file=err,
         )
-
-    head = ("file", "kernel", "arch", "regs", "spill st", "spill ld", "stack", "smem")
-    table = [head] + [
-        (f, label, u.arch, u.registers, u.spill_stores, u.spill_loads, u.stack, u.smem)
-        for _, _, label, _, f, u in rows
-    ]
-    widths = [max(len(str(row[c])) for row in table) for c in range(len(head))]
-    for row in table:
-        cells = [
-            str(v).ljust(w) if c < 3 else str(v).rjust(w)
-            for c, (v, w) in enumerate(zip(row, widths, strict=True))
-        ]
-        print("  ".join(cells).rstrip(), file=out)
-
-    for line in spills:
+    for line in table.spills:
         print(f"xpsoftmax kernels: spill: {line}", file=err)
-    kernels = len({(row[0], row[2]) for row in rows})
-    status = "FAILED" if failed or spills else "ok"
+    kernels = len({(filename, label) for filename, label, _ in table.rows})
+    status = "FAILED" if failed or table.spills else "ok"
     print(
         f"{status}: {kernels} kernels x {len(archs)} archs ({','.join(archs)}), "
-        f"{len(failed)} compile errors, {len(spills)} spilling functions ({elapsed:.1f} s)",
+        f"{len(failed)} compile errors, {len(table.spills)} spilling functions ({elapsed:.1f} s)",
         file=out,
     )
-    return 1 if failed or spills else 0
+    return 1 if failed or table.spills else 0
 
 
 class _UsageError(Exception):
@@ -342,6 +457,12 @@ def _parser() -> argparse.ArgumentParser:
         default=",".join(DEFAULT_ARCHS),
         help="comma-separated GPU architectures (default: %(default)s)",
     )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="a progress bar on stderr (default: when stderr is a terminal)",
+    )
     return parser
 
 
@@ -367,4 +488,4 @@ def main(argv: list[str]) -> int:
         return 2
     except SystemExit as e:  # --help
         return e.code if isinstance(e.code, int) else 0
-    return check(archs)
+    return check(archs, progress=args.progress)
