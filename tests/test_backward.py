@@ -248,3 +248,62 @@ def test_dask_split_axis_masked_entries_and_fully_masked_rows_raise_no_warning(f
         warnings.simplefilter("error")
         got = result.compute()
     np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax_jvp", "log_softmax_jvp"])
+def test_dask_split_axis_jvp_masked_inf_tangents_raise_no_warning(log):
+    """As for the VJP: masked tangents of +-inf are zeroed before any product."""
+    da = pytest.importorskip("dask.array")
+    func = xpsoftmax.log_softmax_jvp if log else xpsoftmax.softmax_jvp
+    y = np.array([[0.2, 0.0, 0.8, 0.0], [0.5, 0.5, 0.0, 0.0]])
+    with np.errstate(divide="ignore"):
+        y = np.log(y) if log else y  # -inf at the masked entries, as log_softmax gives
+    t = np.array([[1.0, np.inf, -2.0, -np.inf], [3.0, 1.0, np.inf, np.nan]])
+    mask = np.array([[True, False, True, False], [True, True, False, False]])
+    keep_t = np.where(mask, t, 0.0)
+    keep_y = np.where(mask, y, 0.0)
+    if log:
+        want = keep_t - (np.exp(keep_y) * keep_t * mask).sum(-1, keepdims=True)
+    else:
+        want = keep_y * (keep_t - (keep_y * keep_t).sum(-1, keepdims=True))
+    want = np.where(mask, want, 0.0)
+    chunks = (1, 2)
+    result = func(
+        da.from_array(y, chunks=chunks),
+        da.from_array(t, chunks=chunks),
+        where=da.from_array(mask, chunks=chunks),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = result.compute()
+    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("func", "log"),
+    [
+        (xpsoftmax.softmax_backward, False),
+        (xpsoftmax.log_softmax_backward, True),
+        (xpsoftmax.softmax_jvp, False),
+        (xpsoftmax.log_softmax_jvp, True),
+    ],
+    ids=["softmax_backward", "log_softmax_backward", "softmax_jvp", "log_softmax_jvp"],
+)
+def test_masked_entries_of_the_output_take_no_part_whatever_they_hold(xp, func, log):
+    """The forward output's masked entries (NaN, +inf here) never reach a sum or a result."""
+    y = np.array([[0.2, np.nan, 0.8, np.inf], [0.5, 0.5, np.inf, np.nan]])
+    if log:
+        y = np.where(np.isfinite(y), np.log(np.where(np.isfinite(y), y, 1.0)), y)
+    g = np.array([[1.0, 2.0, -2.0, 0.5], [3.0, 1.0, 4.0, -1.0]])
+    mask = np.array([[True, False, True, False], [True, True, False, False]])
+    ky, kg = np.where(mask, y, 0.0), np.where(mask, g, 0.0)
+    name = func.__name__
+    if name == "softmax_backward" or name == "softmax_jvp":
+        want = ky * (kg - (ky * kg).sum(-1, keepdims=True))
+    elif name == "log_softmax_backward":
+        want = kg - np.exp(ky) * kg.sum(-1, keepdims=True)
+    else:
+        want = kg - (np.where(mask, np.exp(ky), 0.0) * kg).sum(-1, keepdims=True)
+    want = np.where(mask, want, 0.0)
+    result = func(xp.asarray(y), xp.asarray(g), where=xp.asarray(mask))
+    xp_assert_close(result, want, xp=xp, dtype=xp.float64)

@@ -651,3 +651,30 @@ def test_uint64_indices_beyond_int64_are_out_of_range(lazy, ignore_index):
             loss.compute()
     ok = xpsoftmax.cross_entropy(np.zeros((3, 4)), np.array([0, 1, 3], dtype=np.uint64))
     assert float(ok) == pytest.approx(math.log(4), rel=1e-15)  # log(4) for uniform logits
+
+
+class _WithoutTakeAlongAxis:
+    """A namespace without ``take_along_axis`` (as Dask's): ``pick`` compares class ids."""
+
+    def __init__(self, xp):
+        self._xp = xp
+
+    def __getattr__(self, name):
+        if name == "take_along_axis":
+            raise AttributeError(name)
+        return getattr(self._xp, name)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "bool"])
+@pytest.mark.parametrize("ax", [0, 1, 2])
+def test_pick_by_class_ids_without_take_along_axis(dtype, ax, rng):
+    from xpsoftmax.backends.generic.cross_entropy import pick
+
+    a = rng.standard_normal((3, 4, 5)) > 0 if dtype == "bool" else rng.standard_normal((3, 4, 5))
+    shape = tuple(d for i, d in enumerate(a.shape) if i != ax)
+    t = rng.integers(0, a.shape[ax], size=shape)
+    want = np.squeeze(np.take_along_axis(a, np.expand_dims(t, ax), axis=ax), axis=ax)
+    xp = _WithoutTakeAlongAxis(array_api_compat.array_namespace(a))
+    got = pick(xp, a, t, ax)
+    assert got.dtype == want.dtype
+    np.testing.assert_array_equal(got, want)
