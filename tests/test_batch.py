@@ -118,6 +118,66 @@ def test_cross_entropy_with_mask(tmp_path, capsys):
     np.testing.assert_allclose(np.load(out), ref, rtol=1e-13)
 
 
+@pytest.mark.parametrize(
+    ("reduction", "smoothing", "ignore"),
+    [
+        ("none", 0.0, -100),
+        ("none", 0.2, None),
+        ("none", 0.3, 2),
+        ("mean", 0.0, None),
+        ("mean", 0.0, -100),
+        ("mean", 0.1, 4),
+        ("sum", 0.25, -100),
+        ("sum", 0.0, None),
+    ],
+)
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_options_match_torch(reduction, smoothing, ignore, dtype, tmp_path, capsys):
+    """--reduction, --label-smoothing and --ignore-index against torch, over many blocks (the
+    mean over blocks is torch's mean over the rows not ignored)."""
+    rng = np.random.default_rng(4)
+    rows, n = 301, 13
+    logits = (3 * rng.standard_normal((rows, n))).astype(dtype)
+    targets = rng.integers(0, n, size=rows)
+    targets[rng.random(rows) < 0.3] = -100 if ignore in (None, -100) else ignore
+    if ignore is None:  # nothing to ignore: every target a class
+        targets[targets < 0] = 1
+    x = _save(tmp_path, "x.npy", logits)
+    t = _save(tmp_path, "t.npy", targets)
+    out = tmp_path / "loss.npy"
+    argv = ["run", "cross_entropy", x, t, "-o", out, "--batch-mb", "0.0005"]  # 40 blocks
+    argv += ["--reduction", reduction, "--label-smoothing", smoothing]
+    argv += [] if ignore is None else ["--ignore-index", ignore]
+    status, stdout, err = _main(argv, capsys)
+    assert status == 0, err
+    result = np.load(out)
+    expected = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits.astype(np.float64)),
+        torch.from_numpy(targets),
+        reduction=reduction,
+        label_smoothing=smoothing,
+        ignore_index=-12345 if ignore is None else ignore,
+    ).numpy()
+    assert result.dtype == dtype
+    assert result.shape == expected.shape == (() if reduction != "none" else (rows,))
+    tol = 2e-6 if dtype == np.float32 else 1e-13
+    np.testing.assert_allclose(result, expected, rtol=tol, atol=tol if reduction == "none" else 0)
+    assert _listing(tmp_path) == ["loss.npy", "t.npy", "x.npy"]
+
+
+def test_cross_entropy_mean_of_only_ignored_rows_is_nan(tmp_path, capsys):
+    x = _save(tmp_path, "x.npy", np.zeros((5, 3)))
+    t = _save(tmp_path, "t.npy", np.full(5, -100))
+    out = tmp_path / "loss.npy"
+    argv = ["run", "cross_entropy", x, t, "-o", out, "--reduction", "mean", "--ignore-index"]
+    status, _, err = _main([*argv, "-100", "--batch-mb", "0.0001"], capsys)
+    assert status == 0, err
+    ref = torch.nn.functional.cross_entropy(
+        torch.zeros(5, 3, dtype=torch.float64), torch.full((5,), -100), reduction="mean"
+    )
+    assert math.isnan(ref) and np.isnan(np.load(out))
+
+
 BAD_CROSS_ENTROPY = [
     ("float targets", "x.npy xf.npy", [], "targets '{t}/xf.npy': dtype float64, expected integer"),
     ("bool targets", "x.npy tb.npy", [], "dtype bool, expected integer class indices"),
@@ -137,6 +197,22 @@ BAD_CROSS_ENTROPY = [
         "targets contain the class index 18446744073709551516, out of range for 3 classes",
     ),
     ("axis", "x.npy t.npy", ["--axis", "2"], "--axis 2 is out of range"),
+    ("smoothing", "x.npy t.npy", ["--label-smoothing", "1.5"], "must be in [0, 1], got 1.5"),
+    ("smoothing nan", "x.npy t.npy", ["--label-smoothing", "nan"], "must be in [0, 1], got nan"),
+    ("reduction", "x.npy t.npy", ["--reduction", "max"], "argument --reduction: invalid choice"),
+    ("ignore", "x.npy t.npy", ["--ignore-index", "x"], "--ignore-index: invalid int value: 'x'"),
+    (
+        "reduction on dask",
+        "x.npy t.npy",
+        ["--reduction", "sum", "--dask", "local:1"],
+        "--reduction sum with --dask is not supported",
+    ),
+    (
+        "options of cross_entropy",  # the op is replaced by softmax below
+        "x.npy",
+        ["--ignore-index", "-100", "--reduction", "mean"],
+        "run softmax: --reduction, --ignore-index: an option of cross_entropy only",
+    ),
 ]
 
 
@@ -156,7 +232,8 @@ def test_cross_entropy_bad_input(inputs, extra, expected, tmp_path, capsys):
     np.save(tmp_path / "tu64.npy", np.array([0, 1, 2**64 - 100, 2], dtype=np.uint64))
     before = _listing(tmp_path)
     t = str(tmp_path)
-    argv = ["run", "cross_entropy", *(f"{t}/{p}" for p in inputs.split()), "-o", f"{t}/o.npy"]
+    op = "cross_entropy" if len(inputs.split()) > 1 or not extra else "softmax"
+    argv = ["run", op, *(f"{t}/{p}" for p in inputs.split()), "-o", f"{t}/o.npy"]
     _one_line_error(*_main([*argv, *extra], capsys), expected.format(t=t))
     assert _listing(tmp_path) == before  # no output, no temporary file
 
@@ -529,6 +606,32 @@ def test_gpu_loop_on_a_stand_in_matches_the_cpu(
     assert _listing(tmp_path) == sorted(
         [*(Path(p).name for p in paths), "cpu.npy", "gpu.npy", *(["m.npy"] if mask else [])]
     )
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gpu_loop_on_a_stand_in_totals_cross_entropy(reduction, tmp_path, capsys, monkeypatch):
+    """--reduction through the GPU loop (blocks finish out of step): torch's total."""
+    rng = np.random.default_rng(8)
+    logits = rng.standard_normal((200, 31)).astype(np.float32)
+    targets = rng.integers(-1, 31, size=200)
+    paths = [_save(tmp_path, "x.npy", logits), _save(tmp_path, "t.npy", targets)]
+    monkeypatch.setattr(devices, "cupy_with_gpu", FakeCupy)
+    out = tmp_path / "gpu.npy"
+    argv = ["run", "cross_entropy", *paths, "-o", out, "--batch-mb", "0.003"]
+    argv += ["--reduction", reduction, "--ignore-index", "-1", "--label-smoothing", "0.1"]
+    status, stdout, err = _main(argv, capsys)
+    assert status == 0, err
+    assert "Fake GPU" in stdout
+    expected = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits.astype(np.float64)),
+        torch.from_numpy(targets),
+        reduction=reduction,
+        ignore_index=-1,
+        label_smoothing=0.1,
+    )
+    result = np.load(out)
+    assert result.shape == () and result.dtype == np.float32
+    np.testing.assert_allclose(result, expected.numpy(), rtol=2e-6)
 
 
 def test_the_stand_in_catches_a_result_read_before_its_event(tmp_path, capsys, monkeypatch):

@@ -236,6 +236,9 @@ def _run(args: argparse.Namespace) -> int:
         axis=args.axis,
         batch_bytes=max(1, int(args.batch_mb * job.MIB)),
         device=args.device,
+        reduction=args.reduction,
+        label_smoothing=args.label_smoothing,
+        ignore_index=args.ignore_index,
     )
     progress = sys.stderr.isatty() if args.progress is None else args.progress
     summary = run.run(
@@ -336,7 +339,8 @@ def _parser() -> argparse.ArgumentParser:
         examples=(
             "xpsoftmax run log_softmax logits.npy -o logprobs.npy --progress",
             "xpsoftmax run softmax_backward y.npy dy.npy -o dx.npy --batch-mb 64",
-            "xpsoftmax run cross_entropy logits.npy targets.npy -o losses.npy --dask local:2",
+            "xpsoftmax run cross_entropy logits.npy targets.npy -o loss.npy --reduction mean "
+            "--ignore-index -100",
         ),
     )
     run.add_argument(
@@ -352,6 +356,28 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--axis", type=int, default=-1, help="the softmax axis (default -1)")
     run.add_argument(
         "--where", metavar="MASK", help="boolean .npy mask, broadcastable to the inputs"
+    )
+    xent = run.add_argument_group("cross_entropy", "as in torch.nn.functional.cross_entropy")
+    xent.add_argument(
+        "--reduction",
+        choices=("none", "mean", "sum"),
+        default="none",
+        help="none (default): the loss of each row; sum or mean: one number (a 0-d .npy), the "
+        "mean over the rows whose target is not --ignore-index",
+    )
+    xent.add_argument(
+        "--label-smoothing",
+        type=float,
+        default=0.0,
+        metavar="EPS",
+        help="in [0, 1] (default 0): the target distribution mixed with the uniform one",
+    )
+    xent.add_argument(
+        "--ignore-index",
+        type=int,
+        metavar="CLASS",
+        help="rows whose target is CLASS have loss 0 and are left out of the mean (default: "
+        "none; torch's default is -100)",
     )
     _device_option(run, "auto (default): CuPy's GPU when one is present, else NumPy on the CPU")
     run.add_argument(

@@ -40,6 +40,7 @@ __all__ = [
     "BatchError",
     "Job",
     "Spec",
+    "Total",
     "blocks",
     "check_output",
     "open_job",
@@ -179,6 +180,10 @@ class Spec:
     axis: int = -1
     batch_bytes: int = 32 * MIB
     device: str = "auto"
+    # cross_entropy's options; "mean" and "sum" are totals over all blocks (:class:`Total`).
+    reduction: str = "none"
+    label_smoothing: float = 0.0
+    ignore_index: int | None = None
 
 
 @dataclass(frozen=True)
@@ -341,11 +346,44 @@ def compute(job: Job, chunks: list[Any], mask: Any | None, out: Any | None = Non
 
     if job.spec.op == "cross_entropy":
         logits, targets = chunks
-        return xpsoftmax.cross_entropy(logits, targets, job.axis, reduction="none", where=mask)
+        spec = job.spec
+        return xpsoftmax.cross_entropy(
+            logits, targets, job.axis, reduction="none", where=mask,
+            label_smoothing=spec.label_smoothing, ignore_index=spec.ignore_index,
+        )  # fmt: skip
     fn = getattr(xpsoftmax, job.spec.op)
     if out is None:
         return fn(*chunks, axis=job.axis, where=mask)
     return fn(*chunks, axis=job.axis, where=mask, out=out)
+
+
+class Total:
+    """Where the per-row losses go for ``--reduction mean`` or ``sum``: ``total[box] = losses``
+    adds them up in float64, in block order (the same order, so the same result, every run);
+    :attr:`value` is the sum, or the mean over the rows whose target is not ``ignore_index``
+    (NaN when every row is ignored, as in torch), in the output's dtype."""
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.sum = 0.0
+        self.count = 0
+
+    def __setitem__(self, box: Box, losses: np.ndarray) -> None:
+        self.sum += float(np.sum(losses, dtype=np.float64))
+        spec = self.job.spec
+        if spec.ignore_index is None:
+            self.count += int(np.size(losses))
+        else:  # the targets of the box read again: 1 / n of the logits' bytes
+            targets = self.job.arrays[1][box]
+            self.count += int(np.count_nonzero(targets != spec.ignore_index))
+
+    @property
+    def value(self) -> np.ndarray:
+        if self.job.spec.reduction == "sum":
+            total = self.sum
+        else:
+            total = self.sum / self.count if self.count else math.nan
+        return np.asarray(total, dtype=self.job.out_dtype)
 
 
 # --------------------------------------------------------------------------------------------

@@ -36,6 +36,34 @@ def _progress_bar(enabled: bool, lines: int):
 # --------------------------------------------------------------------------------------------
 # the command
 
+REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_options(spec: Spec, dask: str | None) -> None:
+    """cross_entropy's options: only for cross_entropy, valid values, totals not on Dask."""
+    given = [
+        option
+        for option, default in (
+            ("--reduction", spec.reduction == "none"),
+            ("--label-smoothing", spec.label_smoothing == 0.0),
+            ("--ignore-index", spec.ignore_index is None),
+        )
+        if not default
+    ]
+    if given and spec.op != "cross_entropy":
+        raise BatchError(f"run {spec.op}: {', '.join(given)}: an option of cross_entropy only")
+    if spec.reduction not in REDUCTIONS:
+        msg = f"--reduction must be one of {', '.join(REDUCTIONS)}, got {spec.reduction!r}"
+        raise BatchError(msg)
+    if not 0.0 <= spec.label_smoothing <= 1.0:  # False for NaN
+        raise BatchError(f"--label-smoothing must be in [0, 1], got {spec.label_smoothing}")
+    if dask is not None and spec.reduction != "none":
+        msg = (
+            f"--reduction {spec.reduction} with --dask is not supported (the workers write "
+            "rows of the output); use --reduction none and reduce the losses"
+        )
+        raise BatchError(msg)
+
 
 def run(
     spec: Spec,
@@ -59,6 +87,7 @@ def run(
             f"({', '.join(names)}), got {len(spec.inputs)}"
         )
         raise BatchError(msg)
+    _check_options(spec, dask)
     sources = [*spec.inputs, *([spec.where] if spec.where is not None else [])]
     target = check_output(output, sources, overwrite)
     job = open_job(spec)
@@ -86,17 +115,23 @@ def run(
     try:
         with files.interruptible():
             shape = job.out_shape[::-1] if job.fortran else job.out_shape
+            total = job_.Total(job) if spec.reduction != "none" else None
+            if total is not None:
+                shape = ()
             with files.Output.create(
-                target, f"output {output!r}", job.out_dtype, shape, job.out_fortran,
-                overwrite=overwrite,
+                target, f"output {output!r}", job.out_dtype, shape,
+                job.out_fortran and total is None, overwrite=overwrite,
             ) as out:  # fmt: skip
+                into = out if total is None else total
                 if dask is not None:
                     device = batch_dask.run(job, out.part, cluster, advance, verbose)
                 elif cupy is not None:
-                    batch_gpu.run(job, cupy, [whole(job.shape)], out, advance)
+                    batch_gpu.run(job, cupy, [whole(job.shape)], into, advance)
                     device = devices.gpu_name(cupy)
                 else:
-                    run_cpu(job, [whole(job.shape)], out, advance)
+                    run_cpu(job, [whole(job.shape)], into, advance)
+                if total is not None:
+                    out[()] = total.value
                 job.check_unchanged()
                 out.publish()
     finally:
