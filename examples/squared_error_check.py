@@ -11,6 +11,9 @@ what ``Softmax.backward`` does.
 This script builds ``logits -> Softmax -> SquaredError``, computes d(loss)/d(logits) both ways,
 and checks each with :func:`xpsoftmax.check_vjp` (central finite differences in float64). It
 prints both results and exits 0 when the VJP passes and the elementwise shortcut fails.
+
+Needs only xpsoftmax itself (``python -m pip install .``); the other example, ``train_digits.py``,
+needs the examples' extra (``python -m pip install ".[examples]"``).
 """
 
 from __future__ import annotations

@@ -13,9 +13,15 @@ Before training, the script checks on the first batch that
   :func:`xpsoftmax.cross_entropy_backward` on the logits, both equal the closed form
   ``(softmax(logits) - onehot) / batch`` written out in plain array code.
 
+Needs scikit-learn, for the data: install the examples' extra, ``python -m pip install
+".[examples]"`` in the checkout (or ``pip install scikit-learn``); ``--device gpu`` also needs
+CuPy (the ``cuda12`` or ``cuda13`` extra). Without them the script says so in one line and exits
+with status 2.
+
 Run ``python examples/train_digits.py`` (NumPy) or ``python examples/train_digits.py --device gpu``
 (CuPy). The data ships with scikit-learn, nothing is downloaded; the last line printed is
-``test accuracy: 0.xxxx``. The exit status is 1 if a gradient check fails.
+``test accuracy: 0.xxxx``. The exit status is 1 if a gradient check fails, 2 for a bad option or
+a missing dependency.
 """
 
 from __future__ import annotations
@@ -25,7 +31,6 @@ import sys
 import time
 
 import numpy as np
-from sklearn.datasets import load_digits
 
 import xpsoftmax
 from xpsoftmax.losses import CrossEntropy
@@ -116,21 +121,63 @@ def check_gradients(xp, model: Model, loss: CrossEntropy, x, y) -> bool:
     return vjp_ok and fused_ok
 
 
+PROG = "train_digits.py"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        """A bad option: one line on stderr, exit status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _positive(kind):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = None
+        if value is None or not value > 0:
+            msg = f"must be a positive {kind.__name__}, got {text!r}"
+            raise argparse.ArgumentTypeError(msg)
+        return value
+
+    return parse
+
+
+def _missing(what: str, install: str) -> int:
+    print(f"{PROG}: error: {what}; {install}", file=sys.stderr)
+    return 2
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(prog=PROG, description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=("cpu", "gpu"), default="cpu")
-    parser.add_argument("--epochs", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=0.1)
+    parser.add_argument("--epochs", type=_positive(int), default=30)
+    parser.add_argument("--batch-size", type=_positive(int), default=32)
+    parser.add_argument("--lr", type=_positive(float), default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        return _missing(
+            "needs scikit-learn for the digits data",
+            'install the examples\' extra: python -m pip install ".[examples]"',
+        )
     if args.device == "gpu":
-        import cupy as xp
-
+        try:
+            import cupy as xp
+        except ImportError:
+            return _missing(
+                "--device gpu needs CuPy",
+                'install it with python -m pip install ".[cuda13]" (or ".[cuda12]")',
+            )
         if not xp.is_available():
-            print("--device gpu needs a CUDA device, and CuPy sees none", file=sys.stderr)
-            return 2
+            return _missing(
+                "--device gpu needs a CUDA device, and CuPy sees none",
+                "use --device cpu",
+            )
     else:
         xp = np
 
