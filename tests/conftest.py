@@ -126,3 +126,26 @@ def xp(library: Backend, request: pytest.FixtureRequest, monkeypatch: pytest.Mon
 def rng() -> np.random.Generator:
     """A NumPy random generator with a fixed seed."""
     return np.random.default_rng(1234)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The skipped tests, one line per reason with its count and first test, most frequent first.
+
+    Instead of pytest's one ``SKIPPED`` line per test (``-rs``, left out of ``addopts``).
+    """
+    by_reason: dict[str, list[str]] = {}
+    for report in terminalreporter.stats.get("skipped", []):
+        if isinstance(report.longrepr, tuple):  # (path, line from 1, "Skipped: reason")
+            path, line, reason = report.longrepr
+            where = f"{os.path.relpath(path, config.invocation_params.dir)}:{line}"
+        else:  # pragma: no cover - pytest gives skips a tuple
+            reason, where = str(report.longrepr), report.nodeid
+        reason = reason.removeprefix("Skipped: ")
+        by_reason.setdefault(reason, []).append(where)
+    if not by_reason:
+        return
+    total = sum(map(len, by_reason.values()))
+    terminalreporter.write_sep("=", f"{total} skipped, {len(by_reason)} reasons")
+    width = len(str(max(map(len, by_reason.values()))))
+    for reason, places in sorted(by_reason.items(), key=lambda kv: (-len(kv[1]), kv[0])):
+        terminalreporter.write_line(f"{len(places):>{width}}  {reason}  (first: {places[0]})")
