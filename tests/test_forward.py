@@ -457,3 +457,44 @@ def test_dask_split_axis_fully_masked_rows_raise_no_warning(func, ref, log):
         warnings.simplefilter("error")
         got = result.compute()
     np.testing.assert_allclose(got, ref_softmax(x, -1, where=mask, log=log), rtol=1e-12)
+
+
+@pytest.mark.parametrize("axis", [-1, 0, None], ids=["axis-1", "axis0", "axisNone"])
+def test_zero_d_inputs_as_torch_takes_them(xp, axis):
+    """A 0-d input is one element in its own row: torch.softmax(t, -1) of a 0-d t is 1 (log: 0),
+    the VJP and JVP are 0, for axis -1, 0 and None; the Jacobian is the 1 x 1 zero."""
+    import torch
+
+    x0 = torch.tensor(1000.0, dtype=torch.float64, requires_grad=True)
+    for log, func, bwd, jvp in [
+        (False, xpsoftmax.softmax, xpsoftmax.softmax_backward, xpsoftmax.softmax_jvp),
+        (True, xpsoftmax.log_softmax, xpsoftmax.log_softmax_backward, xpsoftmax.log_softmax_jvp),
+    ]:
+        ref = (torch.log_softmax if log else torch.softmax)(x0, -1)
+        (grad,) = torch.autograd.grad(ref * 3.0, x0)
+        x = xp.asarray(1000.0, dtype=xp.float64)
+        y = func(x, axis=axis)
+        assert tuple(y.shape) == ()
+        xp_assert_close(y, ref.detach().numpy(), xp=xp, dtype=xp.float64)
+        g = xp.asarray(3.0, dtype=xp.float64)
+        xp_assert_close(bwd(y, g, axis=axis), grad.numpy(), xp=xp, dtype=xp.float64)
+        xp_assert_close(jvp(y, g, axis=axis), grad.numpy(), xp=xp, dtype=xp.float64)
+    jac = xpsoftmax.softmax_jacobian(xp.asarray(1.0, dtype=xp.float64), axis=axis)
+    xp_assert_close(jac, np.zeros((1, 1)), xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize("axis", [1, -2, (0, -1)])
+def test_zero_d_inputs_refuse_other_axes(axis):
+    with pytest.raises(np.exceptions.AxisError, match="out of bounds"):
+        xpsoftmax.softmax(np.asarray(1.0), axis=axis)
+
+
+@pytest.mark.parametrize("axis", [-1, 0, None])
+@pytest.mark.parametrize("log", [False, True])
+def test_check_vjp_on_a_zero_d_input(axis, log):
+    f, vjp = (
+        (xpsoftmax.log_softmax, xpsoftmax.log_softmax_backward)
+        if log
+        else (xpsoftmax.softmax, xpsoftmax.softmax_backward)
+    )
+    assert xpsoftmax.check_vjp(f, vjp, np.asarray(0.5), axis=axis)

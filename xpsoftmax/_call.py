@@ -270,14 +270,22 @@ def float_dtype(xp: Any, x: Array, name: str) -> Any:
     raise TypeError(msg)
 
 
+def _is_int(a: Any) -> bool:
+    return not isinstance(a, bool) and isinstance(a, (int, np.integer))
+
+
 def normalize_axes(axis: Axis, ndim: int) -> tuple[int, ...]:
     """Normalize ``axis`` to a sorted tuple of distinct non-negative ints."""
     if axis is None:
         return tuple(range(ndim))
     items = axis if isinstance(axis, tuple) else (axis,)
+    if ndim == 0 and len(items) == 1 and _is_int(items[0]) and operator.index(items[0]) in (-1, 0):
+        # A 0-d input has one element, its own row: axis -1 or 0 is accepted as torch accepts it
+        # (torch.softmax(t, -1) of a 0-d t is 1), and means what axis=None means.
+        return ()
     out = []
     for a in items:
-        if isinstance(a, bool) or not isinstance(a, (int, np.integer)):
+        if not _is_int(a):
             msg = f"axis must be an int, a tuple of ints or None, got {axis!r}"
             raise TypeError(msg)
         a = operator.index(a)

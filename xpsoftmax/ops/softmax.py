@@ -49,7 +49,8 @@ def softmax(x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None
     axis : int or tuple of ints or None, optional
         Axis or axes along which softmax normalizes (default ``-1``); negative values count from
         the end, ``None`` means all axes, as in :func:`scipy.special.softmax`. An axis out of range
-        raises :class:`numpy.exceptions.AxisError` (a ``ValueError``).
+        raises :class:`numpy.exceptions.AxisError` (a ``ValueError``). A 0-d input is its own
+        row: ``-1`` and ``0`` are accepted there as in :func:`torch.softmax` (the result is 1).
     where : array of bool, optional
         Broadcastable to ``x``. Entries where it is False are left out of the normalization and
         come out as exactly 0; a fully masked row is all 0, never NaN (``jax.nn.softmax``
