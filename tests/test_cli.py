@@ -145,6 +145,83 @@ def test_demo_exit_status_1_when_a_check_fails(monkeypatch, capsys):
     assert lines["result"] == "SOME CHECKS FAILED"
 
 
+# Runs the command, then prints the process's peak resident memory (VmHWM, of this process
+# alone: a forked child's ru_maxrss starts from its parent's) on stderr's last line.
+_PEAK = """
+import sys
+from xpsoftmax.tools.cli import main
+status = main(sys.argv[1:])
+with open("/proc/self/status") as f:
+    print(next(line for line in f if line.startswith("VmHWM:")), file=sys.stderr, end="")
+raise SystemExit(status)
+"""
+
+
+def _peak_rss(*args: str, preexec_fn=None) -> tuple[int, int, str]:
+    """Exit status, peak resident bytes and stderr (less the peak) of ``xpsoftmax ARGS``."""
+    done = subprocess.run(
+        [sys.executable, "-c", _PEAK, *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+        preexec_fn=preexec_fn,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    err, _, peak = done.stderr.rstrip("\n").rpartition("\n")
+    assert peak.startswith("VmHWM:"), done.stderr
+    return done.returncode, int(peak.split()[1]) * 1024, err + "\n" * bool(err)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_demo_memory_is_a_small_multiple_of_the_batch():
+    """Issue 13: 23 GB resident for a 2 GB batch (float64 references, gradients and errors of
+    the whole batch). Now about 6 arrays of the batch's size: here a 64 MiB batch."""
+    rows, classes = 4096, 4096
+    batch = rows * classes * 4
+    common = ["demo", "--device", "cpu", "--repeat", "1"]
+    status, base, err = _peak_rss(*common, "--rows", "8", "--classes", "2")
+    assert status == 0, err
+    status, peak, err = _peak_rss(*common, "--rows", str(rows), "--classes", str(classes))
+    assert status == 0, err
+    # 6 arrays of the batch's size and the float64 slices of the references (about 10 of 8
+    # MiB): 7.3 times the batch here on 2026-12-02, 19.3 times before.
+    assert peak - base < 6.5 * batch + 128 * 2**20, f"{(peak - base) / batch:.2f} times the batch"
+
+
+def test_demo_refuses_a_batch_that_does_not_fit_in_memory(capsys):
+    argv = ["demo", "--device", "cpu", "--rows", str(10**7), "--classes", str(10**6)]
+    assert cli.main(argv) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and out.err.count("\n") == 1
+    assert re.match(
+        r"xpsoftmax: error: demo: a \(10000000, 1000000\) float32 batch \(40000\.0 GB\) needs "
+        r"about \d+\.\d GB of memory \(6 arrays of the batch's size and more\) but \d+\.\d GB "
+        r"are available; use fewer --rows or --classes$",
+        out.err,
+    ), out.err
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="RLIMIT_AS, /proc")
+def test_demo_refuses_what_ulimit_v_would_not_allow():
+    """The issue's case, 100000 x 5000 float32 (2 GB), under a 3 GiB address-space limit: one
+    line, status 2, at once (no batch made), instead of a MemoryError or the OOM killer."""
+    import resource
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    start = time.monotonic()
+    argv = ["demo", "--device", "cpu", "--rows", "100000", "--classes", "5000"]
+    status, peak, err = _peak_rss(*argv, preexec_fn=limit)
+    assert status == 2, err
+    assert err.count("\n") == 1, err
+    assert err.startswith("xpsoftmax: error: demo: a (100000, 5000) float32 batch (2.0 GB)")
+    assert "GB are available" in err
+    assert peak < 1 << 30 and time.monotonic() - start < 30
+
+
 def test_demo_batch_is_deterministic_and_reference_matches_scipy():
     logits, labels = _demo.make_batch(32, 7, seed=3)
     again, labels_again = _demo.make_batch(32, 7, seed=3)

@@ -107,7 +107,7 @@ def _demo(args: argparse.Namespace) -> int:
             repeat=args.repeat,
             seed=args.seed,
         )
-    except RuntimeError as exc:  # no GPU for --device gpu
+    except (RuntimeError, MemoryError) as exc:  # no GPU for --device gpu; a batch too large
         raise CommandError(f"demo: {exc}") from None
     return 0 if ok else 1
 

@@ -12,6 +12,10 @@ result is compared with a float64 reference computed here with plain NumPy on th
 * ``check_vjp`` (finite differences, on a slice of the logits scaled to unit standard deviation,
   so that softmax is not saturated) accepts both backward functions and rejects the elementwise
   ``y * (1 - y)`` shortcut, whose gradient on the slice is wrong.
+
+The batch and the references are made a slice of rows at a time, so the demo holds about six
+arrays of the batch's size (:func:`memory_needed`); a batch that would not fit in the memory
+available is refused before anything is made (``MemoryError``, one line in the command).
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from .. import (
 )
 from . import devices
 
-__all__ = ["DTYPES", "Device", "make_batch", "pick_device", "run"]
+__all__ = ["DTYPES", "Device", "make_batch", "memory_needed", "pick_device", "run"]
 
 #: dtype name -> tolerance on the largest error relative to the largest reference entry.
 DTYPES = {"float32": 1e-5, "float64": 1e-12}
@@ -81,14 +85,69 @@ def make_batch(rows: int, classes: int, seed: int = 0) -> tuple[np.ndarray, np.n
     class centers; the classifier is the linear discriminant with class means estimated from
     ``_FIT_SAMPLES`` samples per class: ``logit_k = (w_k . x - |w_k|^2 / 2) / sigma^2``.
     """
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((classes, _FEATURES))
-    # The mean of _FIT_SAMPLES draws around a center, drawn directly.
-    w = centers + _SIGMA / math.sqrt(_FIT_SAMPLES) * rng.standard_normal((classes, _FEATURES))
-    labels = rng.integers(0, classes, size=rows)
-    x = centers[labels] + _SIGMA * rng.standard_normal((rows, _FEATURES))
-    logits = (x @ w.T - 0.5 * np.sum(w * w, axis=1)) / _SIGMA**2
-    return logits, labels
+    batch = _Batch(rows, classes, seed)
+    return batch.logits(0, rows), batch.labels
+
+
+class _Batch:
+    """The synthetic batch of :func:`make_batch`, whose logits are made a slice of rows at a
+    time (the features are ``rows x _FEATURES``, small; the logits are the batch)."""
+
+    def __init__(self, rows: int, classes: int, seed: int) -> None:
+        rng = np.random.default_rng(seed)
+        centers = rng.standard_normal((classes, _FEATURES))
+        # The mean of _FIT_SAMPLES draws around a center, drawn directly.
+        noise = _SIGMA / math.sqrt(_FIT_SAMPLES) * rng.standard_normal((classes, _FEATURES))
+        self.w = centers + noise
+        self.labels = rng.integers(0, classes, size=rows)
+        self.x = centers[self.labels] + _SIGMA * rng.standard_normal((rows, _FEATURES))
+        self.bias = 0.5 * np.sum(self.w * self.w, axis=1)
+
+    def logits(self, start: int, stop: int) -> np.ndarray:
+        return (self.x[start:stop] @ self.w.T - self.bias) / _SIGMA**2
+
+
+#: float64 elements of one slice of rows the references are computed on (8 MiB each).
+_CHUNK = 2**20
+
+#: Arrays of the batch's size the demo holds at once (logits, y, ly, dly, dy and one result),
+#: on the device; the host holds the logits once more when the device is a GPU.
+_COPIES = 6
+#: Memory beyond them: the interpreter and libraries, the float64 slices of the references.
+_OVERHEAD = 256 * 2**20
+
+
+def _slices(rows: int, classes: int) -> list[tuple[int, int]]:
+    step = max(1, _CHUNK // classes)
+    return [(a, min(a + step, rows)) for a in range(0, rows, step)]
+
+
+def memory_needed(rows: int, classes: int, dtype: str, gpu: bool) -> tuple[int, int]:
+    """Bytes of host memory and of device memory (0 on the CPU) the demo needs, about."""
+    batch = rows * classes * np.dtype(dtype).itemsize
+    features = 3 * rows * _FEATURES * 8 + 2 * classes * _FEATURES * 8
+    if gpu:
+        return batch + features + _OVERHEAD, _COPIES * batch
+    return _COPIES * batch + features + _OVERHEAD, 0
+
+
+def _check_fits(rows: int, classes: int, dtype: str, dev: Device) -> None:
+    """Raise :class:`MemoryError` with the numbers when the demo would not fit."""
+    gpu = dev.xp is not np
+    host, device = memory_needed(rows, classes, dtype, gpu)
+    batch = rows * classes * np.dtype(dtype).itemsize
+    where = [("memory", host, devices.available_memory())]
+    if gpu:
+        where.append(("GPU memory", device, dev.xp.cuda.runtime.memGetInfo()[0]))
+    for what, need, have in where:
+        if have is not None and need > have:
+            msg = (
+                f"a ({rows}, {classes}) {dtype} batch ({batch / 1e9:.1f} GB) needs about "
+                f"{need / 1e9:.1f} GB of {what} ({_COPIES} arrays of the batch's size"
+                f"{' on the GPU' if gpu and what == 'GPU memory' else ''} and more) but "
+                f"{have / 1e9:.1f} GB are available; use fewer --rows or --classes"
+            )
+            raise MemoryError(msg)
 
 
 def _reference(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -96,6 +155,28 @@ def _reference(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     z = logits - np.max(logits, axis=-1, keepdims=True)
     ly = z - np.log(np.sum(np.exp(z), axis=-1, keepdims=True))
     return np.exp(ly), ly
+
+
+class _MaxError:
+    """The largest absolute error over slices, relative to ``scale`` or to the largest
+    reference entry (NaN if any entry is NaN): :func:`_error` over the whole, slice by slice."""
+
+    def __init__(self, scale: float | None = None) -> None:
+        self.diff, self.ref, self.scale, self.nan = 0.0, 0.0, scale, False
+
+    def add(self, result: np.ndarray, ref: np.ndarray) -> None:
+        diff = np.abs(np.asarray(result, dtype=np.float64) - ref)
+        if not np.all(np.isfinite(diff)):
+            self.nan = True
+        elif diff.size:
+            self.diff = max(self.diff, float(np.max(diff)))
+            self.ref = max(self.ref, float(np.max(np.abs(ref))))
+
+    @property
+    def value(self) -> float:
+        if self.nan:
+            return math.nan
+        return self.diff / (self.ref if self.scale is None else self.scale)
 
 
 def _error(result: np.ndarray, ref: np.ndarray, scale: float | None = None) -> float:
@@ -187,26 +268,46 @@ def run(
     def passed(*errors: float) -> bool:
         return all(e <= tol for e in errors)  # False for NaN
 
-    logits64, labels = make_batch(rows, classes, seed)
-    x_host = logits64.astype(dtype)
-    p_ref, ly_ref = _reference(x_host.astype(np.float64))
-    idx = np.arange(rows)
-    acc = float(np.mean(np.argmax(logits64, axis=1) == labels))
-    loss_ref = float(-np.mean(ly_ref[idx, labels]))
+    _check_fits(rows, classes, dtype, dev)
+    # The batch and its float64 references are made a slice of rows at a time: the demo holds
+    # _COPIES arrays of the batch's size, not a dozen float64 ones (issue 13: 23 GB resident
+    # for a 2 GB batch).
+    batch = _Batch(rows, classes, seed)
+    labels = batch.labels
+    slices = _slices(rows, classes)
+    x_host = np.empty((rows, classes), dtype=dtype)
+    correct, loss_sum = 0, 0.0
+    for a, b in slices:
+        part = batch.logits(a, b)
+        x_host[a:b] = part
+        correct += int(np.count_nonzero(np.argmax(part, axis=1) == labels[a:b]))
+        _, ly_part = _reference(x_host[a:b].astype(np.float64))
+        loss_sum -= float(np.sum(ly_part[np.arange(b - a), labels[a:b]]))
+    acc, loss_ref = correct / rows, loss_sum / rows
 
     print(f"xpsoftmax {__version__} demo: softmax forward, backward and gradient checks", file=out)
     report("device", dev.name)
     report(
         "batch",
-        f"{x_host.shape} {dtype} logits of a linear classifier on synthetic data, "
+        f"{(rows, classes)} {dtype} logits of a linear classifier on synthetic data, "
         f"accuracy {100 * acc:.1f} %, loss {loss_ref:.4f}",
     )
 
+    def compare(result: Any, scale: float | None, reference: Callable) -> float:
+        """``result`` against ``reference(a, b, p, ly)`` (float64 on the host), by slices."""
+        error = _MaxError(scale)
+        for a, b in slices:
+            p_ref, ly_ref = _reference(dev.to_host(x[a:b]).astype(np.float64))
+            error.add(dev.to_host(result[a:b]), reference(a, b, p_ref, ly_ref))
+        return error.value
+
     # Forward.
     x = xp.asarray(x_host)
+    del x_host  # on a GPU, the device's copy only from now on
     y = softmax(x)
     ly = log_softmax(x)
-    err_y, err_ly = _error(dev.to_host(y), p_ref), _error(dev.to_host(ly), ly_ref)
+    err_y = compare(y, None, lambda a, b, p, ly_ref: p)
+    err_ly = compare(ly, None, lambda a, b, p, ly_ref: ly_ref)
     report(
         "forward",
         f"softmax error {err_y:.1e}, log_softmax error {err_ly:.1e} (tolerance {tol:.0e})",
@@ -214,22 +315,20 @@ def run(
     )
 
     # Backward of the mean cross-entropy, through each function, against (p - onehot) / rows.
-    grad_ref = p_ref.copy()
-    grad_ref[idx, labels] -= 1.0
-    grad_ref /= rows
+    def grad_ref(a: int, b: int, p: np.ndarray, ly_ref: np.ndarray) -> np.ndarray:
+        p[np.arange(b - a), labels[a:b]] -= 1.0
+        return p / rows
+
+    idx = np.arange(rows)
     rows_d, labels_d = xp.asarray(idx), xp.asarray(labels)
     dly = xp.zeros_like(ly)
     dly[rows_d, labels_d] = -1.0 / rows  # d loss / d ly
     dy = xp.zeros_like(y)
     dy[rows_d, labels_d] = -1.0 / (rows * y[rows_d, labels_d])  # d loss / d y
-    dx_log = log_softmax_backward(ly, dly)
-    dx_soft = softmax_backward(y, dy)
     # Relative to 1 / rows, the largest an entry of this gradient can be: a batch the classifier
     # gets right with confidence has a far smaller gradient, below what float32 can resolve.
-    err_log, err_soft = (
-        _error(dev.to_host(dx_log), grad_ref, 1 / rows),
-        _error(dev.to_host(dx_soft), grad_ref, 1 / rows),
-    )
+    err_log = compare(log_softmax_backward(ly, dly), 1 / rows, grad_ref)
+    err_soft = compare(softmax_backward(y, dy), 1 / rows, grad_ref)
     report(
         "backward",
         f"cross-entropy gradient (p - onehot) / {rows}: via softmax_backward error "
@@ -239,7 +338,7 @@ def run(
 
     # Finite-difference checks on a small float64 slice, scaled to unit standard deviation: on
     # confident logits softmax saturates, its Jacobian vanishes and no check can tell a wrong one.
-    part = logits64[: _SLICE[0], : _SLICE[1]]
+    part = batch.logits(0, min(rows, _SLICE[0]))[:, : _SLICE[1]]
     small_host = (part - part.mean()) / (part.std() or 1.0)
     small = xp.asarray(small_host)
     ok_soft = check_vjp(softmax, softmax_backward, small)
@@ -265,7 +364,7 @@ def run(
     )
 
     # Timings.
-    nbytes = x_host.nbytes
+    nbytes = rows * classes * np.dtype(dtype).itemsize
     timed = [
         ("softmax", lambda: softmax(x), 2 * nbytes),
         ("log_softmax", lambda: log_softmax(x), 2 * nbytes),

@@ -8,6 +8,7 @@ thread pool uses too).
 from __future__ import annotations
 
 import os
+import resource
 from typing import Any
 
 from .._compat import cupy_installed
@@ -16,6 +17,7 @@ from .._config import available_cpus
 __all__ = [
     "NoGPUError",
     "available_cpus",
+    "available_memory",
     "cpu_summary",
     "cupy_installed",
     "cupy_with_gpu",
@@ -76,3 +78,38 @@ def cpu_summary() -> str:
     if not hasattr(os, "sched_getaffinity"):  # not on Linux
         return f"{total}"
     return f"{available_cpus()} usable by this process (of {total})"
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still allocate, about: the least of the kernel's ``MemAvailable``
+    (``/proc/meminfo``), the room left under a cgroup v2 limit (``memory.max``) and under the
+    address-space limit (``ulimit -v``, ``RLIMIT_AS``); None where none of them is known."""
+    found = []
+    meminfo = _read_kib("/proc/meminfo", "MemAvailable:")
+    if meminfo is not None:
+        found.append(meminfo)
+    try:
+        with open("/sys/fs/cgroup/memory.max") as f:
+            limit = f.read().strip()
+        if limit != "max":
+            with open("/sys/fs/cgroup/memory.current") as f:
+                found.append(int(limit) - int(f.read()))
+    except (OSError, ValueError):
+        pass
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft != resource.RLIM_INFINITY:
+        used = _read_kib("/proc/self/status", "VmSize:")
+        found.append(soft - (used or 0))
+    return max(0, min(found)) if found else None
+
+
+def _read_kib(path: str, field: str) -> int | None:
+    """The ``field`` line of a ``/proc`` file given in kB, in bytes; None if unreadable."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(field):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
