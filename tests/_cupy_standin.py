@@ -413,14 +413,19 @@ def _check_vec(kernel: str, vec: int, pairs) -> None:
             )
 
 
+def _row_inputs(k: Kernel, a: tuple):
+    """(element type, item size, forward?, inputs, [(pointer, row stride)]) of a row kernel."""
+    t = k.ctype
+    fwd = k.kernel.startswith("xps_fwd")
+    n_in = 1 if fwd else 2
+    ins = [(_ptr(a[2 * i]), int(a[2 * i + 1])) for i in range(n_in)]
+    return t, np.dtype(t).itemsize, fwd, n_in, ins
+
+
 def _rows_kernel(k: Kernel, a: tuple, acc: _Access) -> None:
     """xps_{fwd,bwd}_{warp,block}[_plain]: rows at x + r * ld, the mask at mp + r*mrs + c*mcs."""
-    t = k.ctype
-    isz = np.dtype(t).itemsize
-    fwd = k.kernel.startswith("xps_fwd")
+    t, isz, fwd, n_in, ins = _row_inputs(k, a)
     plain = k.kernel.endswith("_plain")
-    n_in = 1 if fwd else 2
-    ins = [(a[2 * i], int(a[2 * i + 1])) for i in range(n_in)]
     optr, ld_out = a[2 * n_in], int(a[2 * n_in + 1])
     mp, mrs, mcs, rows, n, flag, vec = (int(v) for v in a[2 * n_in + 2 :])
     if "_warp" in k.kernel:
@@ -454,12 +459,8 @@ def _rows_kernel(k: Kernel, a: tuple, acc: _Access) -> None:
 
 def _split_kernel(k: Kernel, a: tuple, acc: _Access) -> None:
     """xps_{fwd,bwd}_{part,apply}: items (row, chunk); partials in part[] (compute dtype)."""
-    t = k.ctype
-    isz = np.dtype(t).itemsize
-    fwd = k.kernel.startswith("xps_fwd")
+    t, isz, fwd, n_in, ins = _row_inputs(k, a)
     apply = k.kernel.endswith("_apply")
-    n_in = 1 if fwd else 2
-    ins = [(_ptr(a[2 * i]), int(a[2 * i + 1])) for i in range(n_in)]
     rest = list(a[2 * n_in :])
     optr = ld_out = None
     if apply:

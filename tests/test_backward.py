@@ -221,12 +221,26 @@ def test_empty(xp, func, log, shape, axis):
 # the generic path on Dask computes outside any floating-point error state
 
 
+def _on_split_dask(func, y, g, mask):
+    """``func(y, g, where=mask)`` with the softmax axis over two Dask chunks (the generic path),
+    computed with every floating-point warning an error."""
+    da = pytest.importorskip("dask.array")
+    chunks = (1, 2)
+    result = func(
+        da.from_array(y, chunks=chunks),
+        da.from_array(g, chunks=chunks),
+        where=da.from_array(mask, chunks=chunks),
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return result.compute()
+
+
 @pytest.mark.parametrize(("func", "log"), BACKWARD)
 def test_dask_split_axis_masked_entries_and_fully_masked_rows_raise_no_warning(func, log):
     """Masked cotangents of +-inf never meet a 0 (no ``0 * inf``) and a fully masked row never
     divides 0 by 0: on Dask the generic path's NumPy warnings would escape at compute, so these
     hold only if the masking comes before the products. Values against float64 math."""
-    da = pytest.importorskip("dask.array")
     y = np.array([[0.2, 0.5, 0.3, 0.0], [0.25, 0.25, 0.25, 0.25]])
     if log:
         y = np.log(np.where(y > 0, y, 1.0))
@@ -238,22 +252,12 @@ def test_dask_split_axis_masked_entries_and_fully_masked_rows_raise_no_warning(f
     else:
         want = y * (keep_dy - (y * keep_dy).sum(-1, keepdims=True))
     want = np.where(mask, want, 0.0)
-    chunks = (1, 2)  # the softmax axis over two chunks: the generic path
-    result = func(
-        da.from_array(y, chunks=chunks),
-        da.from_array(dy, chunks=chunks),
-        where=da.from_array(mask, chunks=chunks),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = result.compute()
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(_on_split_dask(func, y, dy, mask), want, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax_jvp", "log_softmax_jvp"])
 def test_dask_split_axis_jvp_masked_inf_tangents_raise_no_warning(log):
     """As for the VJP: masked tangents of +-inf are zeroed before any product."""
-    da = pytest.importorskip("dask.array")
     func = xpsoftmax.log_softmax_jvp if log else xpsoftmax.softmax_jvp
     y = np.array([[0.2, 0.0, 0.8, 0.0], [0.5, 0.5, 0.0, 0.0]])
     with np.errstate(divide="ignore"):
@@ -267,16 +271,7 @@ def test_dask_split_axis_jvp_masked_inf_tangents_raise_no_warning(log):
     else:
         want = keep_y * (keep_t - (keep_y * keep_t).sum(-1, keepdims=True))
     want = np.where(mask, want, 0.0)
-    chunks = (1, 2)
-    result = func(
-        da.from_array(y, chunks=chunks),
-        da.from_array(t, chunks=chunks),
-        where=da.from_array(mask, chunks=chunks),
-    )
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        got = result.compute()
-    np.testing.assert_allclose(got, want, rtol=1e-12, atol=0)
+    np.testing.assert_allclose(_on_split_dask(func, y, t, mask), want, rtol=1e-12, atol=0)
 
 
 @pytest.mark.parametrize(
