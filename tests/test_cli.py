@@ -1221,3 +1221,203 @@ def test_run_refuses_a_fifo_without_waiting(tmp_path, capsys):
     os.mkfifo(fifo)
     status = cli.main(["run", "softmax", str(fifo), "-o", str(tmp_path / "y.npy")])
     _one_line(status, capsys.readouterr(), "not a regular file (a pipe, socket or device)")
+
+
+# --------------------------------------------------------------------------------------------
+# run: "-" is stdin or stdout, a .npy stream as numpy.save writes it
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def _from_npy_bytes(data: bytes) -> np.ndarray:
+    import io
+
+    return np.load(io.BytesIO(data))
+
+
+STREAM_CASES = [
+    # (id, op, which input is stdin (None: none), fortran, axis)
+    ("stdin to stdout", "softmax", 0, False, -1),
+    ("Fortran, axis 0", "log_softmax", 0, True, 0),
+    ("file to stdout", "softmax", None, False, -1),
+    ("dy on stdin", "log_softmax_backward", 1, False, -1),
+    ("targets on stdin", "cross_entropy", 1, False, -1),
+]
+
+
+STREAMS = [
+    (f"{c[0]}, -o {'-' if to else 'file'}", *c[1:], to)
+    for c in STREAM_CASES
+    for to in (True, False)
+    if to or c[2] is not None  # at least one stream
+]
+
+
+@pytest.mark.parametrize(
+    ("op", "stdin", "fortran", "axis", "to_stdout"),
+    [c[1:] for c in STREAMS],
+    ids=[c[0] for c in STREAMS],
+)
+def test_run_streams_stdin_and_stdout(op, stdin, fortran, axis, to_stdout, tmp_path, capsys):
+    """Byte for byte what the same run gives from and to files, over many blocks; nothing named
+    '-' is made."""
+    rng = np.random.default_rng(6)
+    shape = (500, 37)
+    arrays = [rng.standard_normal(shape).astype(np.float32)]
+    if op == "log_softmax_backward":
+        arrays = [_log_softmax64(arrays[0], -1).astype(np.float32), arrays[0]]
+    if op == "cross_entropy":
+        arrays.append(rng.integers(0, 37, size=500))
+    if fortran:
+        arrays = [np.asfortranarray(a) for a in arrays]
+    paths = [_save(tmp_path, f"in{i}.npy", a) for i, a in enumerate(arrays)]
+    common = ["--axis", str(axis), "--batch-mb", "0.01"]  # 18 blocks
+    reference = tmp_path / "reference.npy"
+    assert cli.main(["run", op, *paths, "-o", str(reference), *common]) == 0
+    capsys.readouterr()
+    inputs = [("-" if i == stdin else p) for i, p in enumerate(paths)]
+    out = "-" if to_stdout else str(tmp_path / "out.npy")
+    done = subprocess.run(
+        [sys.executable, "-m", "xpsoftmax", "run", op, *inputs, "-o", out, *common],
+        input=b"" if stdin is None else Path(paths[stdin]).read_bytes(),
+        capture_output=True,
+        timeout=TIMEOUT,
+        env=_env(),
+        cwd=tmp_path,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    summary = (done.stderr if to_stdout else done.stdout).decode()
+    rows, n = (37, 500) if axis == 0 else (500, 37)
+    assert summary.startswith(f"{op}: {rows} rows of {n}") and summary.count("\n") == 1
+    result = done.stdout if to_stdout else (tmp_path / "out.npy").read_bytes()
+    assert result == reference.read_bytes()
+    assert np.isfortran(_from_npy_bytes(result)) == (fortran and op != "cross_entropy")
+    assert not (tmp_path / "-").exists()
+
+
+def test_run_reads_a_pipe_that_numpy_save_writes_and_writes_one_numpy_reads(tmp_path):
+    """numpy.save into a pipe | xpsoftmax run softmax - -o - | numpy reading the stream."""
+    x = np.random.default_rng(7).standard_normal((300, 50))
+    _save(tmp_path, "x.npy", x)
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, numpy; numpy.save(sys.stdout.buffer, numpy.load('x.npy'))",
+        ],
+        stdout=subprocess.PIPE,
+        cwd=tmp_path,
+    )
+    reader_code = (
+        "import io, sys, numpy\n"
+        "y = numpy.load(io.BytesIO(sys.stdin.buffer.read()))\n"
+        "numpy.save('y.npy', y)\n"
+    )
+    run = subprocess.Popen(
+        [sys.executable, "-m", "xpsoftmax", "run", "softmax", "-", "-o", "-", "--batch-mb", "0.02"],
+        stdin=writer.stdout,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=_env(),
+    )
+    writer.stdout.close()
+    reader = subprocess.run(
+        [sys.executable, "-c", reader_code], stdin=run.stdout, cwd=tmp_path, timeout=TIMEOUT
+    )
+    run.stdout.close()
+    with run.stderr:
+        err = run.stderr.read().decode()
+    assert [writer.wait(TIMEOUT), run.wait(TIMEOUT), reader.returncode] == [0, 0, 0], err
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), _softmax64(x, -1), rtol=1e-14)
+
+
+def _stream_error(args, stdin=b"", **kwargs) -> str:
+    """The one line of a refused run; ``stdin``: bytes, or a file descriptor."""
+    where = {"input": stdin} if isinstance(stdin, bytes) else {"stdin": stdin}
+    done = subprocess.run(
+        [sys.executable, "-m", "xpsoftmax", "run", *args],
+        **where,
+        capture_output="stdout" not in kwargs,
+        timeout=TIMEOUT,
+        env=_env(),
+        check=False,
+        **kwargs,
+    )
+    err = done.stderr.decode() if done.stderr is not None else ""
+    assert done.returncode == 2, err
+    assert err.count("\n") == 1 and err.startswith("xpsoftmax: error: ") and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("case", "expected"),
+    [
+        ("truncated", "logits '-' (stdin): truncated, the stream ended after"),
+        ("extra bytes", "logits '-' (stdin): corrupt, unexpected bytes after the data"),
+        ("not npy", "logits '-' (stdin): not a .npy file"),
+        ("empty", "logits '-' (stdin): not a .npy file"),
+        ("pickle", "logits '-' (stdin): holds Python objects"),
+    ],
+)
+def test_run_bad_stdin_is_one_line_and_no_output(case, expected, tmp_path):
+    good = _npy_bytes(np.zeros((200, 30), dtype=np.float32))
+    data = {
+        "truncated": good[:-100],
+        "extra bytes": good + b"\0",
+        "not npy": b"hello\n",
+        "empty": b"",
+        "pickle": _npy_bytes(np.array([{"a": 1}], dtype=object)),
+    }[case]
+    out = tmp_path / "y.npy"
+    err = _stream_error(["softmax", "-", "-o", str(out), "--batch-mb", "0.001"], stdin=data)
+    assert expected in err
+    assert _listing(tmp_path) == []  # no output, no temporary file
+
+
+STREAM_REFUSALS = [
+    ("axis 0 to stdout", "softmax {x} -o - --axis 0", "the softmax axis 0 of (4, 3)"),
+    ("axis 0 from stdin", "softmax - -o {t}/y.npy --axis 0", "logits '-' (stdin): cannot be"),
+    ("C dy with F y", "softmax_backward {f} - -o {t}/y.npy --axis 0", "dy '-' (stdin): C-ordered"),
+    ("two stdins", "softmax_backward - - -o {t}/y.npy", "only one input can be '-'"),
+    ("mask on stdin", "softmax {x} -o {t}/y.npy --where -", "--where -: the mask cannot be stdin"),
+    ("dask", "softmax {x} -o - --dask local:1", "--dask cannot stream"),
+    (
+        "mean ignoring targets",
+        "cross_entropy {x} - -o {t}/y.npy --reduction mean --ignore-index 0",
+        "reads the targets twice",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"), [c[1:] for c in STREAM_REFUSALS], ids=[c[0] for c in STREAM_REFUSALS]
+)
+def test_run_refuses_what_a_stream_cannot_do(argv, expected, tmp_path):
+    x = _save(tmp_path, "x.npy", np.zeros((4, 3)))
+    f = _save(tmp_path, "f.npy", np.zeros((4, 3)), fortran=True)
+    stdin = _npy_bytes(np.zeros(4, dtype=np.int64) if "cross" in argv else np.zeros((4, 3)))
+    before = _listing(tmp_path)
+    err = _stream_error(argv.format(x=x, f=f, t=tmp_path).split(), stdin=stdin, cwd=tmp_path)
+    assert expected in err, err
+    assert _listing(tmp_path) == before
+
+
+def test_run_refuses_a_terminal_as_stdin_or_stdout(tmp_path):
+    x = _save(tmp_path, "x.npy", np.zeros((4, 3)))
+    primary, secondary = os.openpty()
+    try:
+        err = _stream_error(["softmax", "-", "-o", str(tmp_path / "y.npy")], stdin=secondary)
+        assert "logits '-' (stdin): stdin is a terminal" in err
+        err = _stream_error(["softmax", x, "-o", "-"], stdout=secondary, stderr=subprocess.PIPE)
+        assert "output '-' (stdout): stdout is a terminal" in err
+    finally:
+        os.close(primary)
+        os.close(secondary)
+    assert _listing(tmp_path) == ["x.npy"]

@@ -249,7 +249,7 @@ def _run(args: argparse.Namespace) -> int:
         dask=args.dask,
         verbose=args.verbose,
     )
-    print(summary)
+    print(summary, file=sys.stderr if args.output == "-" else sys.stdout)  # -o -: the data
     return 0
 
 
@@ -351,8 +351,16 @@ def _parser() -> argparse.ArgumentParser:
         "log_softmax_backward (inputs: ly dy) or cross_entropy (inputs: logits, integer "
         "targets; output: the loss of each row)",
     )
-    run.add_argument("inputs", nargs="+", metavar="INPUT", help="input .npy files")
-    run.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="output .npy file")
+    run.add_argument(
+        "inputs", nargs="+", metavar="INPUT", help="input .npy files; one may be - (stdin)"
+    )
+    run.add_argument(
+        "-o",
+        "--output",
+        required=True,
+        metavar="OUTPUT",
+        help="output .npy file, or - for stdout (the summary then goes to stderr)",
+    )
     run.add_argument("--axis", type=int, default=-1, help="the softmax axis (default -1)")
     run.add_argument(
         "--where", metavar="MASK", help="boolean .npy mask, broadcastable to the inputs"

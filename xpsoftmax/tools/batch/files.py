@@ -21,10 +21,12 @@ import contextlib
 import errno
 import fcntl
 import hashlib
+import io
 import itertools
 import math
 import os
 import signal
+import sys
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -38,6 +40,9 @@ __all__ = [
     "BatchError",
     "Interrupted",
     "Output",
+    "STDIO",
+    "StdoutOutput",
+    "Stream",
     "changed",
     "interruptible",
     "part_name",
@@ -143,6 +148,37 @@ def _runs(shape: tuple[int, ...], box: Box) -> Iterator[tuple[int, int]]:
         yield base + sum(i * s for i, s in zip(index, strides, strict=False)), length
 
 
+STDIO = "-"  # an input or output path that means stdin or stdout
+
+
+class Stream:
+    """A pipe (stdin or stdout) that a :class:`FileArray` reads or writes in file order only:
+    each transfer must start where the last one ended (``position``, bytes from the start)."""
+
+    def __init__(self, fd: int, position: int) -> None:
+        self.fd, self.position = fd, position
+
+    def transfer(self, label: str, chunk: memoryview, where: int, *, write: bool) -> None:
+        if where != self.position:  # the job checks up front that its blocks come in order
+            raise AssertionError(f"{label}: streamed out of order ({where} != {self.position})")
+        pos = 0
+        while pos < len(chunk):
+            part = chunk[pos:]
+            done = os.write(self.fd, part) if write else os.readv(self.fd, [part])
+            if done == 0:
+                msg = (
+                    f"{label}: truncated, the stream ended after {self.position + pos} bytes "
+                    "(header and data)"
+                )
+                raise BatchError(msg)
+            pos += done
+        self.position += pos
+
+    def at_end(self) -> bool:
+        """Whether nothing follows what was read (reads one byte more)."""
+        return os.read(self.fd, 1) == b""
+
+
 @dataclass(frozen=True)
 class FileArray:
     """The array at ``offset`` in an open file, in C order of ``data_shape``; a box of it is
@@ -161,6 +197,7 @@ class FileArray:
     data_shape: tuple[int, ...]
     stamp: tuple[int, ...]
     transposed: bool = False
+    stream: Stream | None = None  # stdin or stdout: read or written in file order only
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -207,6 +244,9 @@ class FileArray:
         size, fd, pos = self.dtype.itemsize, self.file.fd, 0
         for start, count in _runs(self.data_shape, box):
             where, end = self.offset + start * size, pos + count * size
+            if self.stream is not None:
+                self.stream.transfer(self.label, flat[pos:end], where, write=write)
+                pos = end
             while pos < end:  # a call moves at most about 2 GiB on Linux
                 chunk = [flat[pos:end]]
                 done = os.pwritev(fd, chunk, where) if write else os.preadv(fd, chunk, where)
@@ -423,6 +463,57 @@ class Output:
 
     def __exit__(self, *exc: object) -> None:
         self.discard()
+
+
+@dataclass
+class StdoutOutput:
+    """The output ``-``: the ``.npy`` header and then the data written to stdout in file order
+    (as ``numpy.save`` writes them), for :func:`numpy.load` or a pipe. There is no temporary
+    file: an error midway leaves a short stream, and the exit status says so."""
+
+    label: str
+    array: FileArray | None = None
+    part: None = None
+
+    @classmethod
+    def create(
+        cls, label: str, dtype: np.dtype, shape: tuple[int, ...], fortran: bool
+    ) -> StdoutOutput:
+        header = {
+            "descr": np.lib.format.dtype_to_descr(dtype),
+            "fortran_order": fortran,
+            "shape": shape,
+        }
+        buffer = io.BytesIO()
+        try:
+            np.lib.format.write_array_header_1_0(buffer, header)
+        except ValueError:  # a header too long for version 1.0
+            np.lib.format.write_array_header_2_0(buffer, header)
+        out = cls(label)
+        fd = sys.stdout.fileno()
+        sys.stdout.flush()
+        stream = Stream(fd, 0)
+        data_shape = shape[::-1] if fortran else shape
+        out.array = FileArray(
+            Fd(os.dup(fd)), STDIO, label, buffer.tell(), dtype, data_shape, (), stream=stream
+        )
+        try:
+            stream.transfer(label, buffer.getbuffer(), 0, write=True)
+        except OSError as exc:
+            raise BatchError(f"{label}: cannot be written ({_describe(exc)})") from None
+        return out
+
+    def __setitem__(self, box: Box, values: np.ndarray) -> None:
+        self.array[box] = values
+
+    def publish(self) -> None:
+        pass
+
+    def __enter__(self) -> StdoutOutput:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def _umask() -> int:

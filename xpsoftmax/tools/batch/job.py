@@ -25,6 +25,7 @@ import itertools
 import math
 import os
 import stat
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -43,6 +44,7 @@ __all__ = [
     "Total",
     "blocks",
     "check_output",
+    "check_streams",
     "open_job",
     "open_npy",
     "pick_device",
@@ -88,6 +90,8 @@ def open_npy(path: str, name: str, *, write: bool = False) -> Npy:
 
     The data are read (or, with ``write``, written) box by box (:class:`files.FileArray`).
     """
+    if path == files.STDIO and not write:
+        return _open_stdin(name)
     label = f"{name} {path!r}"
     try:  # O_NONBLOCK: a FIFO does not wait for a writer here (it is refused below)
         fd = os.open(path, (os.O_RDWR if write else os.O_RDONLY) | os.O_CLOEXEC | os.O_NONBLOCK)
@@ -102,36 +106,17 @@ def open_npy(path: str, name: str, *, write: bool = False) -> Npy:
     if stat.S_ISDIR(mode):
         raise BatchError(f"{label}: is a directory, not a .npy file")
     if not stat.S_ISREG(mode):
-        msg = f"{label}: not a regular file (a pipe, socket or device); save it to a file first"
+        msg = (
+            f"{label}: not a regular file (a pipe, socket or device); pass it on stdin as "
+            "'-' or save it to a file first"
+        )
         raise BatchError(msg)
     f = open(os.dup(fd), "rb")
     with f:
-        try:
-            version = np.lib.format.read_magic(f)
-        except ValueError:
-            raise BatchError(f"{label}: not a .npy file (bad magic string)") from None
-        if version not in ((1, 0), (2, 0), (3, 0)):
-            raise BatchError(f"{label}: unsupported .npy format version {version}")
-        try:
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-        except Exception as exc:  # numpy raises ValueError, SyntaxError, TypeError, ...
-            raise BatchError(f"{label}: corrupt .npy header ({first_line(exc)})") from None
+        shape, fortran, dtype = _read_header(f, label)
         offset = f.tell()
         st = os.fstat(fd)
-    if dtype.hasobject:
-        msg = f"{label}: holds Python objects (a pickled array); pickles are never loaded"
-        raise BatchError(msg)
-    if dtype.names is not None or dtype.subdtype is not None:
-        raise BatchError(f"{label}: structured dtype {dtype} is not supported")
-    if dtype.kind == "c":
-        raise BatchError(f"{label}: complex dtype {dtype}; softmax needs real numbers")
-    if dtype.kind not in "fiub":
-        raise BatchError(f"{label}: dtype {dtype} is not a real numeric dtype")
-    if any(d < 0 for d in shape):
-        raise BatchError(f"{label}: corrupt .npy header (negative shape {shape})")
+    _check_dtype(label, dtype, shape)
     nbytes = math.prod(shape) * dtype.itemsize
     size = st.st_size
     if size < offset + nbytes:
@@ -147,11 +132,75 @@ def open_npy(path: str, name: str, *, write: bool = False) -> Npy:
     return Npy(path, name, array, bool(fortran))
 
 
+class _Counting:
+    """A file's ``read``, counting the bytes read (a pipe has no ``tell``)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.count = fd, 0
+
+    def read(self, size: int) -> bytes:
+        data = os.read(self.fd, size)
+        self.count += len(data)
+        return data
+
+
+def _open_stdin(name: str) -> Npy:
+    """The ``.npy`` stream on stdin: its header read now, its data read in file order."""
+    label = f"{name} '-' (stdin)"
+    try:
+        fd = os.dup(sys.stdin.fileno())
+    except (OSError, ValueError, AttributeError):
+        raise BatchError(f"{label}: there is no stdin") from None
+    handle = files.Fd(fd)
+    if os.isatty(fd):
+        raise BatchError(f"{label}: stdin is a terminal; pipe a .npy file into it")
+    reader = _Counting(fd)
+    shape, fortran, dtype = _read_header(reader, label)
+    _check_dtype(label, dtype, shape)
+    data_shape = tuple(shape[::-1]) if fortran else tuple(shape)
+    stream = files.Stream(fd, reader.count)
+    array = files.FileArray(
+        handle, files.STDIO, label, reader.count, dtype, data_shape, (), fortran, stream
+    )
+    return Npy(files.STDIO, name, array, bool(fortran))
+
+
+def _read_header(f: Any, label: str) -> tuple[tuple[int, ...], bool, np.dtype]:
+    try:
+        version = np.lib.format.read_magic(f)
+    except ValueError:
+        raise BatchError(f"{label}: not a .npy file (bad magic string)") from None
+    if version not in ((1, 0), (2, 0), (3, 0)):
+        raise BatchError(f"{label}: unsupported .npy format version {version}")
+    try:
+        if version == (1, 0):
+            return np.lib.format.read_array_header_1_0(f)
+        return np.lib.format.read_array_header_2_0(f)
+    except Exception as exc:  # numpy raises ValueError, SyntaxError, TypeError, ...
+        raise BatchError(f"{label}: corrupt .npy header ({first_line(exc)})") from None
+
+
+def _check_dtype(label: str, dtype: np.dtype, shape: tuple[int, ...]) -> None:
+    if dtype.hasobject:
+        msg = f"{label}: holds Python objects (a pickled array); pickles are never loaded"
+        raise BatchError(msg)
+    if dtype.names is not None or dtype.subdtype is not None:
+        raise BatchError(f"{label}: structured dtype {dtype} is not supported")
+    if dtype.kind == "c":
+        raise BatchError(f"{label}: complex dtype {dtype}; softmax needs real numbers")
+    if dtype.kind not in "fiub":
+        raise BatchError(f"{label}: dtype {dtype} is not a real numeric dtype")
+    if any(d < 0 for d in shape):
+        raise BatchError(f"{label}: corrupt .npy header (negative shape {shape})")
+
+
 def check_output(output: str, sources: list[str], overwrite: bool) -> str:
     """The absolute output path, after refusing an input, a directory or an unwanted overwrite."""
     target = os.path.abspath(output)
     directory = os.path.dirname(target)
     for source in sources:
+        if source == files.STDIO:
+            continue
         same = os.path.realpath(source) == os.path.realpath(target)
         if not same and os.path.exists(source) and os.path.exists(target):
             same = os.path.samefile(source, target)
@@ -211,6 +260,11 @@ class Job:
         """Raise :class:`BatchError` if a file was replaced, resized or written since it was
         opened (its size, times or inode differ), so that its blocks may mix old and new."""
         for npy in self.opened:
+            if npy.array.stream is not None:
+                if not npy.array.stream.at_end():
+                    msg = f"{npy.array.label}: corrupt, unexpected bytes after the data"
+                    raise BatchError(msg)
+                continue
             if files.changed(npy.path, npy.array.stamp):
                 msg = (
                     f"{npy.name} {npy.path!r}: input changed while it was read (its size, "
@@ -307,6 +361,48 @@ def open_job(spec: Spec) -> Job:
         out_reduced=xent,
         opened=tuple(opened),
     )
+
+
+def check_streams(job: Job, stdout: bool, dask: bool) -> None:
+    """Refuse what stdin (an input ``-``) or stdout (``-o -``) cannot do: they are read and
+    written once, in file order, so the blocks must come in that order: the softmax axis must
+    be the last of the file's order (the first of a Fortran-ordered file), and a streamed input
+    in the memory order of the first input."""
+    streamed = [
+        (npy, array)
+        for npy, array in zip(job.opened, [*job.arrays, job.mask], strict=False)
+        if npy.path == files.STDIO
+    ]
+    names = [npy.array.label for npy, _ in streamed] + ["output '-' (stdout)"] * stdout
+    if not names:
+        return
+    if dask:
+        raise BatchError(f"{names[0]}: --dask cannot stream (each worker opens the files)")
+    shape = job.shape[::-1] if job.fortran else job.shape
+    axis = len(shape) - 1 - job.axis if job.fortran else job.axis
+    if len(job.shape) > 1 and job.axis != len(job.shape) - 1:
+        last = "first (Fortran order)" if job.fortran else "last"
+        msg = (
+            f"{names[0]}: cannot be streamed with the softmax axis {axis} of {shape}: its blocks "
+            f"are not in file order (the axis must be the {last}); use a file"
+        )
+        raise BatchError(msg)
+    for npy, array in streamed:
+        if array.transposed and array.ndim > 1:
+            order = "C" if job.fortran else "Fortran"
+            msg = (
+                f"{npy.array.label}: {order}-ordered while {job.opened[0].array.label} is not: "
+                "it cannot be streamed in the order of the blocks; use a file"
+            )
+            raise BatchError(msg)
+    spec = job.spec
+    if streamed and spec.reduction == "mean" and spec.ignore_index is not None:
+        if streamed[0][0].name == "targets":
+            msg = (
+                f"{names[0]}: --reduction mean with --ignore-index reads the targets twice; "
+                "use a file"
+            )
+            raise BatchError(msg)
 
 
 def _check_targets(targets: Npy, shape: tuple[int, ...], axis: int) -> None:

@@ -88,9 +88,17 @@ def run(
         )
         raise BatchError(msg)
     _check_options(spec, dask)
+    if spec.inputs.count(files.STDIO) > 1:
+        raise BatchError("only one input can be '-' (stdin), which is read once")
+    if spec.where == files.STDIO:
+        raise BatchError("--where -: the mask cannot be stdin (it may be read more than once)")
     sources = [*spec.inputs, *([spec.where] if spec.where is not None else [])]
-    target = check_output(output, sources, overwrite)
+    stdout = output == files.STDIO
+    if stdout and sys.stdout.isatty():
+        raise BatchError("output '-' (stdout): stdout is a terminal; redirect it to a file or pipe")
+    target = output if stdout else check_output(output, sources, overwrite)
     job = open_job(spec)
+    job_.check_streams(job, stdout, dask is not None)
     if dask is not None:
         cluster = batch_dask.parse_address(dask)  # checked before anything is written
         cluster, note = batch_dask.capped(cluster)
@@ -118,10 +126,17 @@ def run(
             total = job_.Total(job) if spec.reduction != "none" else None
             if total is not None:
                 shape = ()
-            with files.Output.create(
-                target, f"output {output!r}", job.out_dtype, shape,
-                job.out_fortran and total is None, overwrite=overwrite,
-            ) as out:  # fmt: skip
+            fortran = job.out_fortran and total is None
+            if stdout:
+                opened = files.StdoutOutput.create(
+                    "output '-' (stdout)", job.out_dtype, shape, fortran
+                )
+            else:
+                opened = files.Output.create(
+                    target, f"output {output!r}", job.out_dtype, shape, fortran,
+                    overwrite=overwrite,
+                )  # fmt: skip
+            with opened as out:
                 into = out if total is None else total
                 if dask is not None:
                     device = batch_dask.run(job, out.part, cluster, advance, verbose)
