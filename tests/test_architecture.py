@@ -63,3 +63,18 @@ def test_every_subpackage_ships_in_the_wheel():
         for init in (ROOT / "xpsoftmax").rglob("__init__.py")
     }
     assert listed == found
+
+
+def test_the_generic_backend_names_an_operation_it_lacks():
+    """A new Op without its generic branch fails loudly, naming the op (the generic backend is
+    the reference every op must have)."""
+    import numpy as np
+    import pytest
+
+    from xpsoftmax import _call
+    from xpsoftmax.backends import generic
+
+    op = _call.Op("logsumexp_to_be", "reduce")
+    call = _call.make_call(_call.SOFTMAX, ((np.ones(3), "x"),), -1, None, None).derive(op=op)
+    with pytest.raises(NotImplementedError, match="no operation 'logsumexp_to_be'"):
+        generic.run(call)

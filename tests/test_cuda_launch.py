@@ -550,3 +550,16 @@ def test_middle_axis_with_a_mask_whose_outer_or_inner_dims_do_not_merge(gpu, sha
     got = xps.softmax(to_device(a), axis=axis, where=dm)
     _check("softmax", a, None, axis, m, got)
     assert "_strided<" in gpu.names[0]
+
+
+def test_kernel_mode_never_reaches_the_log_softmax_inside_cross_entropy(gpu):
+    """The generic cross-entropy's log-softmax sub-call keeps the caller's kernel mode."""
+    x, _ = _xent_inputs(5, 9, np.float32, seed=28)
+    p = _rng(29).dirichlet(np.ones(9), 5).astype(np.float32)
+    with xps.kernels("never"):
+        got = xps.cross_entropy(to_device(x), to_device(p))
+    want = torch.nn.functional.cross_entropy(
+        torch.tensor(x, dtype=torch.float64), torch.tensor(p, dtype=torch.float64)
+    )
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert gpu.names == []
