@@ -997,3 +997,35 @@ def test_bench_gpu_rows(capsys):
         ]
         * 2
     )
+
+
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_cross_entropy_totals_add_float32_losses_in_float64(reduction, tmp_path, capsys):
+    """One loss of 2**24 beside 127 of log(2) in one float32 block: a float32 sum drops about
+    ten units of the total (2 is float32's spacing there); the float64 total rounds once."""
+    logits = np.zeros((128, 2), dtype=np.float32)
+    logits[0, 1] = 2.0**24  # target 0: loss 2**24
+    targets = np.zeros(128, dtype=np.int64)
+    x, t = _save(tmp_path, "x.npy", logits), _save(tmp_path, "t.npy", targets)
+    out = tmp_path / "loss.npy"
+    argv = ["run", "cross_entropy", x, t, "-o", out, "--reduction", reduction]
+    status, _, err = _main(argv, capsys)
+    assert status == 0, err
+    expected = torch.nn.functional.cross_entropy(
+        torch.from_numpy(logits.astype(np.float64)), torch.from_numpy(targets), reduction=reduction
+    ).item()
+    assert np.load(out) == np.float32(expected)
+
+
+@pytest.mark.parametrize(
+    ("exc", "line"),
+    [
+        (ValueError("bad\nsecond line"), "ValueError: bad"),
+        (KeyError(), "KeyError"),
+        (OSError(""), "OSError"),
+    ],
+)
+def test_first_line_of_an_exception(exc, line):
+    from xpsoftmax.tools.batch.job import first_line
+
+    assert first_line(exc) == line
