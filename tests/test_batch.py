@@ -1029,3 +1029,10 @@ def test_first_line_of_an_exception(exc, line):
     from xpsoftmax.tools.batch.job import first_line
 
     assert first_line(exc) == line
+
+
+def test_pick_device_names_a_bad_choice():
+    """The API below the command line (argparse's choices cover the command)."""
+    with pytest.raises(_batch.BatchError, match=r"--device must be auto, cpu or gpu, got 'tpu'"):
+        _batch.pick_device("tpu")
+    assert _batch.pick_device("cpu") is None
