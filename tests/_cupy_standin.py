@@ -730,7 +730,6 @@ class StandIn:
         table = json.loads(_STATIC_SMEM.read_text())["smem"][device.arch]
         self.static_smem = {name: v for per_file in table.values() for name, v in per_file.items()}
         self.launches: list[Launch] = []
-        self.compiled: list[str] = []
         self.by_ptr: dict[int, Kernel] = {}
 
     @property
@@ -746,7 +745,6 @@ class StandIn:
                 if name not in name_expressions:
                     raise LaunchError(f"{name} was not compiled (name_expressions)")
                 k = Kernel(standin, code, name)
-                standin.compiled.append(name)
                 standin.by_ptr[k.kernel_ptr] = k
                 wrapper = _KernelWrapper(k)
                 return wrapper

@@ -244,9 +244,10 @@ class FileArray:
         size, fd, pos = self.dtype.itemsize, self.file.fd, 0
         for start, count in _runs(self.data_shape, box):
             where, end = self.offset + start * size, pos + count * size
-            if self.stream is not None:
+            if self.stream is not None:  # a pipe: in file order, no offsets
                 self.stream.transfer(self.label, flat[pos:end], where, write=write)
                 pos = end
+                continue
             while pos < end:  # a call moves at most about 2 GiB on Linux
                 chunk = [flat[pos:end]]
                 done = os.pwritev(fd, chunk, where) if write else os.preadv(fd, chunk, where)
@@ -289,6 +290,22 @@ class Broadcast:
 
 # --------------------------------------------------------------------------------------------
 # the output
+
+
+def npy_header(dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> bytes:
+    """The ``.npy`` header that :func:`numpy.save` writes (version 1.0, or 2.0 when too long)."""
+    header = {
+        "descr": np.lib.format.dtype_to_descr(dtype),
+        "fortran_order": fortran,
+        "shape": shape,
+    }
+    buffer = io.BytesIO()
+    try:
+        np.lib.format.write_array_header_1_0(buffer, header)
+    except ValueError:  # a header too long for version 1.0
+        buffer = io.BytesIO()
+        np.lib.format.write_array_header_2_0(buffer, header)
+    return buffer.getvalue()
 
 
 def part_name(target: str) -> str:
@@ -390,17 +407,10 @@ class Output:
     def _reserve(self, dtype: np.dtype, shape: tuple[int, ...], fortran: bool) -> FileArray:
         fd = self._fd.fd
         os.ftruncate(fd, 0)  # a killed run's leftover is started over
-        header = {
-            "descr": np.lib.format.dtype_to_descr(dtype),
-            "fortran_order": fortran,
-            "shape": shape,
-        }
+        header = npy_header(dtype, shape, fortran)
         with open(os.dup(fd), "r+b") as f:
-            try:
-                np.lib.format.write_array_header_1_0(f, header)
-            except ValueError:  # a header too long for version 1.0
-                np.lib.format.write_array_header_2_0(f, header)
-            offset = f.tell()
+            f.write(header)
+        offset = len(header)
         size = offset + math.prod(shape) * dtype.itemsize
         try:
             os.posix_fallocate(fd, 0, size)
@@ -479,26 +489,17 @@ class StdoutOutput:
     def create(
         cls, label: str, dtype: np.dtype, shape: tuple[int, ...], fortran: bool
     ) -> StdoutOutput:
-        header = {
-            "descr": np.lib.format.dtype_to_descr(dtype),
-            "fortran_order": fortran,
-            "shape": shape,
-        }
-        buffer = io.BytesIO()
-        try:
-            np.lib.format.write_array_header_1_0(buffer, header)
-        except ValueError:  # a header too long for version 1.0
-            np.lib.format.write_array_header_2_0(buffer, header)
+        header = npy_header(dtype, shape, fortran)
         out = cls(label)
         fd = sys.stdout.fileno()
         sys.stdout.flush()
         stream = Stream(fd, 0)
         data_shape = shape[::-1] if fortran else shape
         out.array = FileArray(
-            Fd(os.dup(fd)), STDIO, label, buffer.tell(), dtype, data_shape, (), stream=stream
+            Fd(os.dup(fd)), STDIO, label, len(header), dtype, data_shape, (), stream=stream
         )
         try:
-            stream.transfer(label, buffer.getbuffer(), 0, write=True)
+            stream.transfer(label, memoryview(header), 0, write=True)
         except OSError as exc:
             raise BatchError(f"{label}: cannot be written ({_describe(exc)})") from None
         return out
