@@ -12,7 +12,8 @@ Environment variables (the defaults of every thread):
 
 * ``XPSOFTMAX_KERNELS=auto|always|never``: the kernel mode, read at import;
 * ``XPSOFTMAX_FORCE_TIER=warp|block|split``: the GPU tier for benchmarks, read at import;
-* ``XPSOFTMAX_NUM_THREADS=N`` and ``XPSOFTMAX_NUMPY_FAST=0|1``: the NumPy path, read at every call.
+* ``XPSOFTMAX_NUM_THREADS=N``, ``XPSOFTMAX_NUMPY_FAST=0|1`` and ``XPSOFTMAX_CPU=compiled|numpy``:
+  the NumPy path, read at every call.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 __all__ = [
     "KERNELS_ENV",
     "available_cpus",
+    "cpu_path",
     "get_kernels",
     "gpu_tuning",
     "kernels",
@@ -39,6 +41,8 @@ KERNELS_ENV = "XPSOFTMAX_KERNELS"
 _MODES = ("auto", "always", "never")
 _FAST_ENV = "XPSOFTMAX_NUMPY_FAST"
 _THREADS_ENV = "XPSOFTMAX_NUM_THREADS"
+_CPU_ENV = "XPSOFTMAX_CPU"
+_CPU_PATHS = ("compiled", "numpy")
 _TIERS = ("warp", "block", "split")
 
 # The environment's mode, checked when it is used, so that a bad value is an error on every call
@@ -198,3 +202,20 @@ def numpy_fast() -> bool:
         msg = f"environment variable {_FAST_ENV} must be 0 or 1, got {value!r}"
         raise ValueError(msg)
     return value != "0"
+
+
+def cpu_path() -> str:
+    """The NumPy fast path asked for: ``"compiled"`` (the numba kernels, the default) or
+    ``"numpy"`` (the blocked NumPy code), from ``XPSOFTMAX_CPU``.
+
+    ``"compiled"`` falls back to ``"numpy"`` where numba is missing or cannot compile
+    (``xpsoftmax info`` says which one runs).
+    """
+    value = os.environ.get(_CPU_ENV, "").strip().lower() or "compiled"
+    if value not in _CPU_PATHS:
+        msg = (
+            f"environment variable {_CPU_ENV} must be one of "
+            f"{', '.join(map(repr, _CPU_PATHS))}, got {value!r}"
+        )
+        raise ValueError(msg)
+    return value

@@ -1,21 +1,65 @@
-"""The NumPy backend: the softmax family on NumPy arrays, cache-blocked and multi-threaded.
+"""The NumPy backend: the softmax family on NumPy arrays, compiled or cache-blocked, threaded.
 
-``blocked.py`` holds the implementation (see its docstring for the geometry); this module is its
-entry in the registry, and :func:`forward` and :func:`product` are the two entry points that
-other backends (the torch CPU bridge) call on NumPy views. Cross-entropy on NumPy takes the
+Two implementations of one contract (same results within rounding, the special values bit for
+bit): ``compiled.py``, the numba kernels of ``kernels.py`` (the default), and ``blocked.py``,
+NumPy calls over cache-sized blocks (where numba is missing or cannot compile, or with
+``XPSOFTMAX_CPU=numpy``). ``blocked.py`` also holds what both share: the views, the ``out=``
+aliasing rules and the thread pool. :func:`forward` and :func:`product` are the entry points
+that other backends (the torch CPU bridge) call on NumPy views. Cross-entropy on NumPy takes the
 generic backend, whose log-softmax sub-call comes back here.
 """
 
 from __future__ import annotations
 
+from types import ModuleType
 from typing import Any
 
+from ... import _config
 from ..._call import ROW_KINDS, Call, XentCall
 from . import blocked
 
-__all__ = ["forward", "product", "run", "takes"]
+__all__ = ["active_path", "forward", "product", "run", "takes"]
 
 Array = Any
+
+# The compiled module once imported, or the reason it is not used ("" until first asked).
+_compiled: ModuleType | None = None
+_unavailable = ""
+
+
+def _implementation() -> ModuleType:
+    """``compiled`` or ``blocked``, as ``XPSOFTMAX_CPU`` asks and numba allows."""
+    global _compiled, _unavailable
+    if _compiled is not None and _config.cpu_path() == "compiled":
+        return _compiled
+    if _unavailable or _config.cpu_path() != "compiled":
+        return blocked
+    try:
+        from . import compiled
+    except Exception as exc:  # numba missing, or a numba/llvmlite that fails to load
+        _unavailable = f"{type(exc).__name__}: {exc}".splitlines()[0]
+        return blocked
+    _compiled = compiled
+    return compiled
+
+
+def _fallback(exc: Exception) -> ModuleType:
+    """Give up on the compiled path for this process after a numba error (not a user error)."""
+    global _compiled, _unavailable
+    _compiled, _unavailable = None, f"{type(exc).__name__}: {exc}".splitlines()[0]
+    return blocked
+
+
+def active_path() -> tuple[str, str]:
+    """The CPU path NumPy arrays take now, ``("compiled" | "numpy", why)``; imports numba."""
+    impl = _implementation()
+    if impl is blocked:
+        asked = _config.cpu_path()
+        why = "XPSOFTMAX_CPU=numpy" if asked == "numpy" else f"numba unavailable ({_unavailable})"
+        return "numpy", why
+    import numba
+
+    return "compiled", f"numba {numba.__version__}"
 
 
 def takes(call: Call | XentCall) -> bool:
@@ -28,6 +72,12 @@ def forward(
 ) -> Array:
     """softmax (``log=False``) or log-softmax of the ndarray ``x`` along ``axes`` (normalized,
     non-empty), ``mask`` broadcast to ``x``'s shape or None, into ``out`` when given."""
+    impl = _implementation()
+    if impl is not blocked:
+        try:
+            return impl.forward(x, axes, mask, log, out)
+        except _numba_errors() as exc:  # pragma: no cover (a numba that cannot compile)
+            impl = _fallback(exc)
     return blocked.forward(x, axes, mask, log, out)
 
 
@@ -36,7 +86,19 @@ def product(
 ) -> Array:
     """The VJP/JVP product ``kind`` (``"softmax"``, ``"log_vjp"``, ``"log_jvp"``) of the forward
     output ``y`` and the cotangent or tangent ``g``; arguments as in :func:`forward`."""
+    impl = _implementation()
+    if impl is not blocked:
+        try:
+            return impl.product(y, g, axes, mask, kind, out)
+        except _numba_errors() as exc:  # pragma: no cover (a numba that cannot compile)
+            impl = _fallback(exc)
     return blocked.product(y, g, axes, mask, kind, out)
+
+
+def _numba_errors() -> type[Exception]:
+    from numba.core.errors import NumbaError
+
+    return NumbaError
 
 
 def run(call: Call) -> Any:

@@ -1,0 +1,262 @@
+"""The compiled CPU path: the softmax family on NumPy arrays through the numba kernels.
+
+The views, the ``out=`` aliasing rules and the thread pool are those of ``blocked.py`` (its
+``_setup`` and ``run_tasks``); what changes is the work per task: one kernel call (``kernels.py``)
+that reads each row once for every statistic and writes it once, instead of about ten NumPy calls.
+
+Geometry (depends on the shape and dtype only, never on the thread count, so results are bitwise
+the same for any number of threads):
+
+* softmax axes last, the view ``(rows, n)``: a task is as many whole rows as fill the L2 cache
+  (at least one); a row longer than the cache is one task, read from memory once per pass;
+* a middle axis, the view ``(outer, n, inner)``: a task is ``bo`` outer slices times a tile of
+  ``bk`` inner columns, the whole ``n`` of each, so that the tile fits the L2 cache.
+
+float16 is computed in float32: each task copies its block into per-thread float32 scratch,
+runs the float32 kernel there and rounds once into the output (never a full-size cast).
+
+Each kernel takes flat contiguous buffers and element strides (see ``kernels.py``). A view whose
+innermost stride is not one element, or that has negative strides, is copied first; an ``out=``
+like that receives the result through a temporary.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import blocked, kernels
+
+Array = Any
+
+__all__ = ["forward", "product"]
+
+_KINDS = {"softmax": 0, "log_vjp": 1, "log_jvp": 2}
+# The narrowest inner tile of a middle-axis task: 64 bytes of float32, one cache line.
+_MIN_TILE = 16
+_NO_MASK = np.zeros(1, dtype=np.uint8)
+_NO_MASK.flags.writeable = False
+
+
+@dataclass(frozen=True)
+class _Tasks:
+    count: int  # number of tasks
+    rows: int  # 2-D: rows per task; 3-D: outer slices per task
+    tile: int  # 3-D: inner columns per task (0 for 2-D)
+    tiles: int  # 3-D: tiles per outer block
+
+
+@functools.lru_cache(maxsize=256)
+def _tasks(shape: tuple[int, ...], e: int) -> _Tasks:
+    if len(shape) == 2:
+        outer, n = shape
+        rows = max(1, e // n)
+        return _Tasks(-(-outer // rows), rows, 0, 1)
+    outer, n, inner = shape
+    if n * inner <= e:
+        rows, tile = max(1, e // (n * inner)), inner
+    else:
+        rows, tile = 1, min(inner, max(_MIN_TILE, e // n // _MIN_TILE * _MIN_TILE))
+    tiles = -(-inner // tile)
+    return _Tasks(-(-outer // rows) * tiles, rows, tile, tiles)
+
+
+def _flat(v: Array, writeable: bool) -> tuple[Array, tuple[int, ...]] | None:
+    """``v`` (2-D/3-D) as a flat contiguous buffer from its first element, and its element
+    strides but the last; None when the innermost stride is not one element."""
+    size = v.itemsize
+    strides = v.strides
+    if v.flags.c_contiguous:  # (as_strided costs ~3 us a call)
+        flat = v.reshape(-1)
+        if not writeable:
+            flat.flags.writeable = False
+        return flat, tuple(s // size for s in strides[:-1])
+    if (strides[-1] != size and v.shape[-1] != 1) or any(s < 0 or s % size for s in strides):
+        return None
+    extent = 1 + sum((d - 1) * (s // size) for d, s in zip(v.shape, strides, strict=True))
+    flat = np.lib.stride_tricks.as_strided(v, (extent,), (size,), writeable=writeable)
+    return flat, tuple(s // size for s in strides[:-1])
+
+
+def _input(v: Array) -> tuple[Array, tuple[int, ...]]:
+    f = _flat(v, False)
+    if f is None:
+        f = _flat(np.ascontiguousarray(v), False)
+    return f  # type: ignore[return-value]
+
+
+def _mask(v: Array | None) -> tuple[Array, tuple[int, ...], bool]:
+    if v is None:
+        return _NO_MASK, (0,) * 2, False
+    flat, strides = _input(v.view(np.uint8))
+    return flat, strides, True
+
+
+def _prepare(c: blocked._Call) -> None:
+    """Make ``c.out`` a view the kernels can write (a temporary when it is not)."""
+    if _flat(c.out, True) is None:
+        c.temp = c.out = np.empty(c.out.shape, dtype=c.out.dtype)
+
+
+def _direct(x: Array, axes: tuple[int, ...], mask: Array | None, out: Array | None) -> bool:
+    """A small C-ordered float32/64 call along the last axis, without mask or ``out``: one
+    kernel call on the calling thread, none of the view and aliasing set-up (the per-call
+    cost of tiny arrays)."""
+    return (
+        mask is None
+        and out is None
+        and x.nbytes < blocked._SMALL_BYTES
+        and x.dtype.char in "fd"
+        and axes[-1] == x.ndim - 1
+        and len(axes) == 1
+        and x.flags.c_contiguous
+    )
+
+
+def _ro(a: Array) -> Array:
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def forward(
+    x: Array, axes: tuple[int, ...], mask: Array | None, log: bool, out: Array | None
+) -> Array:
+    """softmax (``log=False``) or log-softmax of ``x`` along ``axes`` (see ``blocked.forward``)."""
+    if _direct(x, axes, mask, out):
+        n = x.shape[-1]
+        r = np.empty(x.shape, dtype=x.dtype)
+        kernels.forward_rows(
+            _ro(x.reshape(-1)), n, _NO_MASK, 0, False, r.reshape(-1), n, 0, x.size // n, n, log
+        )
+        return r
+    c = blocked._setup((x,), axes, mask, out)
+    _prepare(c)
+    (xv,), ov = c.inputs, c.out
+    ct, half = c.ct, xv.dtype != c.ct
+    mk, ms, masked = _mask(c.mask)
+    plan = _tasks(xv.shape, blocked._block_elems(ct.itemsize))
+    ff, fs = _flat(ov, True)  # type: ignore[misc]
+    if not half:
+        xf, xs = _input(xv)
+    if xv.ndim == 2:
+        n = xv.shape[1]
+
+        def task(t: int) -> None:
+            r0 = t * plan.rows
+            r1 = min(r0 + plan.rows, xv.shape[0])
+            if not half:
+                kernels.forward_rows(xf, xs[0], mk, ms[0], masked, ff, fs[0], r0, r1, n, log)
+                return
+            w = blocked._scratch.get(0, ct, (r1 - r0, n))
+            np.copyto(w, xv[r0:r1])
+            wf = w.reshape(-1)
+            m0 = mk[r0 * ms[0] :] if masked else mk
+            kernels.forward_rows(_ro(wf), n, m0, ms[0], masked, wf, n, 0, r1 - r0, n, log)
+            np.copyto(ov[r0:r1], w)
+
+    else:
+        outer, n, inner = xv.shape
+
+        def task(t: int) -> None:
+            ob, kb = divmod(t, plan.tiles)
+            o0, k0 = ob * plan.rows, kb * plan.tile
+            o1, k1 = min(o0 + plan.rows, outer), min(k0 + plan.tile, inner)
+            if not half:
+                kernels.forward_cols(xf, *xs, mk, *ms, masked, ff, *fs, o0, o1, k0, k1, n, log)
+                return
+            w = blocked._scratch.get(0, ct, (o1 - o0, n, k1 - k0))
+            np.copyto(w, xv[o0:o1, :, k0:k1])
+            wf, bk = w.reshape(-1), k1 - k0
+            m0 = mk[o0 * ms[0] + k0 :] if masked else mk
+            st = (n * bk, bk)
+            kernels.forward_cols(_ro(wf), *st, m0, *ms, masked, wf, *st, 0, o1 - o0, 0, bk, n, log)
+            np.copyto(ov[o0:o1, :, k0:k1], w)
+
+    blocked.run_tasks(plan.count, c.threads, task)
+    return c.finish()
+
+
+def product(
+    y: Array, g: Array, axes: tuple[int, ...], mask: Array | None, kind: str, out: Array | None
+) -> Array:
+    """The VJP/JVP product ``kind`` (see ``blocked.product``)."""
+    if _direct(y, axes, mask, out) and g.flags.c_contiguous:
+        n = y.shape[-1]
+        r = np.empty(y.shape, dtype=y.dtype)
+        kernels.product_rows(
+            _ro(y.reshape(-1)),
+            n,
+            _ro(g.reshape(-1)),
+            n,
+            _NO_MASK,
+            0,
+            False,
+            r.reshape(-1),
+            n,
+            0,
+            y.size // n,
+            n,
+            _KINDS[kind],
+        )
+        return r
+    c = blocked._setup((y, g), axes, mask, out)
+    _prepare(c)
+    (yv, gv), ov = c.inputs, c.out
+    ct, half = c.ct, yv.dtype != c.ct
+    k = _KINDS[kind]
+    mk, ms, masked = _mask(c.mask)
+    plan = _tasks(yv.shape, blocked._block_elems(ct.itemsize))
+    ff, fs = _flat(ov, True)  # type: ignore[misc]
+    if not half:
+        (yf, ys), (gf, gs) = _input(yv), _input(gv)
+    if yv.ndim == 2:
+        n = yv.shape[1]
+
+        def task(t: int) -> None:
+            r0 = t * plan.rows
+            r1 = min(r0 + plan.rows, yv.shape[0])
+            if not half:
+                kernels.product_rows(
+                    yf, ys[0], gf, gs[0], mk, ms[0], masked, ff, fs[0], r0, r1, n, k
+                )
+                return
+            wy = blocked._scratch.get(0, ct, (r1 - r0, n))
+            wg = blocked._scratch.get(1, ct, (r1 - r0, n))
+            np.copyto(wy, yv[r0:r1])
+            np.copyto(wg, gv[r0:r1])
+            fy, fg = wy.reshape(-1), _ro(wg.reshape(-1))
+            m0 = mk[r0 * ms[0] :] if masked else mk
+            kernels.product_rows(_ro(fy), n, fg, n, m0, ms[0], masked, fy, n, 0, r1 - r0, n, k)
+            np.copyto(ov[r0:r1], wy)
+
+    else:
+        outer, n, inner = yv.shape
+
+        def task(t: int) -> None:
+            ob, kb = divmod(t, plan.tiles)
+            o0, k0 = ob * plan.rows, kb * plan.tile
+            o1, k1 = min(o0 + plan.rows, outer), min(k0 + plan.tile, inner)
+            if not half:
+                kernels.product_cols(
+                    yf, *ys, gf, *gs, mk, *ms, masked, ff, *fs, o0, o1, k0, k1, n, k
+                )
+                return
+            bk = k1 - k0
+            wy = blocked._scratch.get(0, ct, (o1 - o0, n, bk))
+            wg = blocked._scratch.get(1, ct, (o1 - o0, n, bk))
+            np.copyto(wy, yv[o0:o1, :, k0:k1])
+            np.copyto(wg, gv[o0:o1, :, k0:k1])
+            fy, fg = wy.reshape(-1), _ro(wg.reshape(-1))
+            m0 = mk[o0 * ms[0] + k0 :] if masked else mk
+            st = (n * bk, bk)
+            kernels.product_cols(
+                _ro(fy), *st, fg, *st, m0, *ms, masked, fy, *st, 0, o1 - o0, 0, bk, n, k
+            )
+            np.copyto(ov[o0:o1, :, k0:k1], wy)
+
+    blocked.run_tasks(plan.count, c.threads, task)
+    return c.finish()
