@@ -294,7 +294,8 @@ def test_info_reports_versions_without_importing_frameworks():
         assert rows["numba"] == "not installed"
     threads = len(os.sched_getaffinity(0))
     assert rows["CPU path"] == (
-        f"numpy (blocked), {threads} thread{'s' * (threads > 1)}; numba is not used"
+        f"compiled kernels, {threads} thread{'s' * (threads > 1)}; "
+        f"numba {importlib.metadata.version('numba')}"
     )
     if has_gpu():
         assert re.match(r"\d+ \(0: ", rows["CUDA devices"])
@@ -322,14 +323,18 @@ def test_info_shows_kernel_mode_set_in_process(monkeypatch, capsys):
 @pytest.mark.parametrize(
     ("env", "expected"),
     [
-        ({"XPSOFTMAX_NUM_THREADS": "1"}, "numpy (blocked), 1 thread; numba is not used"),
-        ({"XPSOFTMAX_NUM_THREADS": "3"}, "numpy (blocked), 3 threads; numba is not used"),
+        ({"XPSOFTMAX_NUM_THREADS": "1"}, "compiled kernels, 1 thread; numba "),
+        (
+            {"XPSOFTMAX_NUM_THREADS": "3", "XPSOFTMAX_CPU": "numpy"},
+            "numpy (blocked), 3 threads; XPSOFTMAX_CPU=numpy",
+        ),
+        ({"XPSOFTMAX_CPU": "fortran"}, "invalid (environment variable XPSOFTMAX_CPU must be"),
         ({"XPSOFTMAX_NUMPY_FAST": "0"}, "generic array-API code (XPSOFTMAX_NUMPY_FAST=0)"),
         ({"XPSOFTMAX_NUMPY_FAST": "2"}, "invalid (environment variable XPSOFTMAX_NUMPY_FAST"),
     ],
 )
 def test_info_reports_the_cpu_path(env, expected, monkeypatch, capsys):
-    for name in ("XPSOFTMAX_NUM_THREADS", "XPSOFTMAX_NUMPY_FAST"):
+    for name in ("XPSOFTMAX_NUM_THREADS", "XPSOFTMAX_NUMPY_FAST", "XPSOFTMAX_CPU"):
         monkeypatch.delenv(name, raising=False)
     for name, value in env.items():
         monkeypatch.setenv(name, value)

@@ -1,4 +1,5 @@
-"""The fast NumPy path (``xpsoftmax._numpy``): the same results as the generic path and as float64.
+"""The fast NumPy path, both CPU paths (compiled and blocked): the same results as the generic path
+and as float64.
 
 Every result of the fast path is checked twice: against the generic array-API path (the same
 public call with ``XPSOFTMAX_NUMPY_FAST=0``) and against float64 math written here or in
@@ -23,6 +24,7 @@ from xpsoftmax.backends.numpy import blocked as _numpy
 
 FAST_ENV = "XPSOFTMAX_NUMPY_FAST"
 THREADS_ENV = "XPSOFTMAX_NUM_THREADS"
+CPU_ENV = "XPSOFTMAX_CPU"
 
 FORWARD = [
     pytest.param(xpsoftmax.softmax, False, id="softmax"),
@@ -47,11 +49,14 @@ LAYOUTS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _default_env(monkeypatch):
-    """Each test starts with the fast path on and the default thread count."""
+@pytest.fixture(autouse=True, params=["compiled", "numpy"])
+def cpu_path(request, monkeypatch):
+    """Each test runs on both CPU paths (``XPSOFTMAX_CPU``: the numba kernels and the blocked
+    NumPy code), with the fast path on and the default thread count."""
     monkeypatch.delenv(FAST_ENV, raising=False)
     monkeypatch.delenv(THREADS_ENV, raising=False)
+    monkeypatch.setenv(CPU_ENV, request.param)
+    return request.param
 
 
 @pytest.fixture(params=[None, 64, 1000], ids=["l2_blocks", "blocks64", "blocks1000"])

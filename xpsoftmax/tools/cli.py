@@ -179,16 +179,19 @@ def _kernel_mode() -> str:
 
 
 def _cpu_path() -> str:
-    """Which code NumPy arrays take, as the NumPy backend decides (``_config``)."""
+    """Which code NumPy arrays take, as the NumPy backend decides (``_config``); imports numba."""
     from .._config import num_threads, numpy_fast
+    from ..backends.numpy import active_path
 
     try:
         if not numpy_fast():
             return "generic array-API code (XPSOFTMAX_NUMPY_FAST=0)"
         threads = num_threads()
+        path, why = active_path()
     except ValueError as exc:
         return f"invalid ({exc})"
-    return f"numpy (blocked), {threads} thread{'s' if threads > 1 else ''}; numba is not used"
+    name = "compiled kernels" if path == "compiled" else "numpy (blocked)"
+    return f"{name}, {threads} thread{'s' if threads > 1 else ''}; {why}"
 
 
 def _info(args: argparse.Namespace) -> int:
