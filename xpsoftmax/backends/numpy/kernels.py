@@ -393,43 +393,38 @@ def forward_cols(x, sx0, sx1, mk, sm0, sm1, masked, out, so0, so1, o0, o1, k0, k
         count[:] = 0 if masked else n
         s[:] = 0
         for j in range(n):
-            xb = o * sx0 + j * sx1 + k0
-            xr = x[xb : xb + bk]
+            xb, mb = _u(o * sx0 + j * sx1 + k0), _u(o * sm0 + j * sm1 + k0)
             if masked:
-                mb = o * sm0 + j * sm1 + k0
-                mr = mk[mb : mb + bk]
-                for k in range(bk):
-                    m[k] = fmaximum(m[k], xr[k] if mr[k] else neg)
-                    count[k] += np.int64(mr[k])
+                for k in range(_u(bk)):
+                    m[k] = fmaximum(m[k], x[xb + k] if mk[mb + k] else neg)
+                    count[k] += np.int64(mk[mb + k])
             else:
-                for k in range(bk):
-                    m[k] = fmaximum(m[k], xr[k])
+                for k in range(_u(bk)):
+                    m[k] = fmaximum(m[k], x[xb + k])
         for k in range(bk):
             shift[k], inf_col[k] = _row_shift(m[k], count[k], masked)
         for j in range(n):
-            xb, mb, ob = o * sx0 + j * sx1 + k0, o * sm0 + j * sm1 + k0, o * so0 + j * so1 + k0
-            xr, orow = x[xb : xb + bk], out[ob : ob + bk]
-            mr = mk[mb : mb + bk] if masked else mk
-            for k in range(bk):
-                v = xr[k] if not masked or mr[k] else neg
+            xb, mb = _u(o * sx0 + j * sx1 + k0), _u(o * sm0 + j * sm1 + k0)
+            ob = _u(o * so0 + j * so1 + k0)
+            for k in range(_u(bk)):
+                v = x[xb + k] if not masked or mk[mb + k] else neg
                 e = _exp(_shifted(v, shift[k], inf_col[k]))
                 s[k] += e
                 if not log:
-                    orow[k] = e
+                    out[ob + k] = e
         for k in range(bk):
             sk = _like(neg, 1.0) if masked and count[k] == 0 else _like(neg, s[k])
             ls[k] = np.log(sk) if log else sk
         for j in range(n):
-            xb, mb, ob = o * sx0 + j * sx1 + k0, o * sm0 + j * sm1 + k0, o * so0 + j * so1 + k0
-            xr, orow = x[xb : xb + bk], out[ob : ob + bk]
-            mr = mk[mb : mb + bk] if masked else mk
-            for k in range(bk):
-                keep = not masked or mr[k]
+            xb, mb = _u(o * sx0 + j * sx1 + k0), _u(o * sm0 + j * sm1 + k0)
+            ob = _u(o * so0 + j * so1 + k0)
+            for k in range(_u(bk)):
+                keep = not masked or mk[mb + k]
                 if log:
-                    v = xr[k] if keep else neg
-                    orow[k] = _shifted(v, shift[k], inf_col[k]) - ls[k] if keep else neg
+                    v = x[xb + k] if keep else neg
+                    out[ob + k] = _shifted(v, shift[k], inf_col[k]) - ls[k] if keep else neg
                 else:
-                    orow[k] = orow[k] / ls[k] if keep else zero
+                    out[ob + k] = out[ob + k] / ls[k] if keep else zero
 
 
 @numba.njit(fastmath=_FLAGS, **_JIT)
@@ -471,19 +466,16 @@ def product_cols(
     for o in range(o0, o1):
         total[:] = 0
         for j in range(n):
-            yb, gb, mb = o * sy0 + j * sy1 + k0, o * sg0 + j * sg1 + k0, o * sm0 + j * sm1 + k0
-            yr, gr = y[yb : yb + bk], g[gb : gb + bk]
-            mr = mk[mb : mb + bk] if masked else mk
-            for k in range(bk):
-                t = _dot_term(yr[k], gr[k], kind)
-                total[k] += t if not masked or mr[k] else zero
+            yb, gb = _u(o * sy0 + j * sy1 + k0), _u(o * sg0 + j * sg1 + k0)
+            mb = _u(o * sm0 + j * sm1 + k0)
+            for k in range(_u(bk)):
+                t = _dot_term(y[yb + k], g[gb + k], kind)
+                total[k] += t if not masked or mk[mb + k] else zero
         for k in range(bk):
             dot[k] = _like(zero, total[k])
         for j in range(n):
-            yb, gb, mb = o * sy0 + j * sy1 + k0, o * sg0 + j * sg1 + k0, o * sm0 + j * sm1 + k0
-            ob = o * so0 + j * so1 + k0
-            yr, gr, orow = y[yb : yb + bk], g[gb : gb + bk], out[ob : ob + bk]
-            mr = mk[mb : mb + bk] if masked else mk
-            for k in range(bk):
-                r = _update(yr[k], gr[k], dot[k], kind)
-                orow[k] = r if not masked or mr[k] else zero
+            yb, gb = _u(o * sy0 + j * sy1 + k0), _u(o * sg0 + j * sg1 + k0)
+            mb, ob = _u(o * sm0 + j * sm1 + k0), _u(o * so0 + j * so1 + k0)
+            for k in range(_u(bk)):
+                r = _update(y[yb + k], g[gb + k], dot[k], kind)
+                out[ob + k] = r if not masked or mk[mb + k] else zero
