@@ -269,3 +269,46 @@ def test_threads_never_wait_for_a_worker_that_has_not_started(monkeypatch):
     monkeypatch.setenv("XPSOFTMAX_NUM_THREADS", "2")
     x = np.random.default_rng(1).standard_normal((600, 1000))
     xp_assert_close(xpsoftmax.softmax(x), scipy.special.softmax(x, axis=-1))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+@pytest.mark.parametrize("block", [None, 2000])
+def test_middle_axis_in_several_tiles(monkeypatch, dtype, block, rng):
+    """A middle axis whose inner extent (600) takes three tiles of 256, 256 and 88 columns,
+    special columns included, against float64 math and torch autograd's products."""
+    torch = pytest.importorskip("torch")
+    from xpsoftmax.backends.numpy import blocked, compiled
+
+    if block is not None:
+        monkeypatch.setattr(blocked, "_block_elems", lambda itemsize: block)
+    compiled._tasks.cache_clear()
+    shape = (3, 7, 600)
+    x = 3.0 * rng.standard_normal(shape)
+    x[0, 2, 5] = np.inf
+    x[1, :, 300] = -np.inf
+    x[2, 3, 599] = np.nan
+    mask = rng.random(shape) > 0.3
+    mask[0, :, 257] = False
+    xd = x.astype(dtype)
+    for log in (False, True):
+        f = xpsoftmax.log_softmax if log else xpsoftmax.softmax
+        for where in (None, mask):
+            r = f(xd, axis=1, where=where)
+            ref = _reference(xd, where, log)
+            xp_assert_close(r, ref, dtype=dtype, atol=2e-3 if dtype == "float16" else 1e-6)
+    t = torch.asarray(rng.standard_normal(shape), requires_grad=True)
+    g = rng.standard_normal(shape)
+    for log in (False, True):
+        y = torch.log_softmax(t, 1) if log else torch.softmax(t, 1)
+        (dx,) = torch.autograd.grad(y, t, torch.asarray(g))
+        back = xpsoftmax.log_softmax_backward if log else xpsoftmax.softmax_backward
+        r = back(y.detach().numpy().astype(dtype), g.astype(dtype), axis=1)
+        tol = 2e-2 if dtype == "float16" else 1e-5
+        xp_assert_close(r, dx.numpy(), dtype=dtype, rtol=tol, atol=tol)
+    compiled._tasks.cache_clear()
+
+
+def _reference(x, where, log):
+    from _helpers import ref_softmax
+
+    return ref_softmax(x.astype(np.float64), 1, where=where, log=log)
