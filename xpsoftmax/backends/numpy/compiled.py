@@ -120,7 +120,15 @@ def _direct(x: Array, axes: tuple[int, ...], mask: Array | None, out: Array | No
 
 
 def _ro(a: Array) -> Array:
+    """A read-only view of ``a`` (the kernels are compiled for read-only inputs only)."""
     v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _ro_flat(a: Array) -> Array:
+    """A read-only flat view of the C-ordered ``a`` (``reshape`` already makes a new view)."""
+    v = a.reshape(-1)
     v.flags.writeable = False
     return v
 
@@ -133,7 +141,7 @@ def forward(
         n = x.shape[-1]
         r = np.empty(x.shape, dtype=x.dtype)
         kernels.forward_rows(
-            _ro(x.reshape(-1)), n, _NO_MASK, 0, False, r.reshape(-1), n, 0, x.size // n, n, log
+            _ro_flat(x), n, _NO_MASK, 0, False, r.reshape(-1), n, 0, x.size // n, n, log
         )
         return r
     c = blocked._setup((x,), axes, mask, out)
@@ -191,9 +199,9 @@ def product(
         n = y.shape[-1]
         r = np.empty(y.shape, dtype=y.dtype)
         kernels.product_rows(
-            _ro(y.reshape(-1)),
+            _ro_flat(y),
             n,
-            _ro(g.reshape(-1)),
+            _ro_flat(g),
             n,
             _NO_MASK,
             0,
