@@ -312,3 +312,92 @@ def _reference(x, where, log):
     from _helpers import ref_softmax
 
     return ref_softmax(x.astype(np.float64), 1, where=where, log=log)
+
+
+def _xent_spy(monkeypatch) -> list[str]:
+    from xpsoftmax.backends.numpy import kernels as k
+
+    calls: list[str] = []
+    for name in ("xent_rows", "xent_grad_rows"):
+        real = getattr(k, name)
+
+        def wrapper(*args, _real=real, _name=name):
+            calls.append(_name)
+            return _real(*args)
+
+        monkeypatch.setattr(k, name, wrapper)
+    return calls
+
+
+def _xent_both(x, t, reduction, eps, dloss):
+    kw = {"reduction": reduction, "label_smoothing": eps, "ignore_index": -100}
+    loss = xpsoftmax.cross_entropy(x, t, **kw)
+    dx = xpsoftmax.cross_entropy_backward(x, t, dloss=dloss, **kw)
+    return loss, dx
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+@pytest.mark.parametrize("rows", [9, 3000])  # 3000 x 100: the thread pool and several tasks
+def test_fused_cross_entropy_against_torch(monkeypatch, dtype, reduction, eps, rows, rng):
+    """Class indices along the last axis run the fused kernels (checked with a spy); loss and
+    gradient match torch autograd in float64, ignored samples included."""
+    torch = pytest.importorskip("torch")
+    calls = _xent_spy(monkeypatch)
+    n = 100
+    x = (3.0 * rng.standard_normal((rows, n))).astype(dtype)
+    t = rng.integers(0, n, rows)
+    t[2] = t[5] = -100
+    dloss = rng.standard_normal(rows) if reduction == "none" else 1.7
+    loss, dx = _xent_both(x, t, reduction, eps, np.asarray(dloss, dtype=dtype))
+    assert sorted(set(calls)) == ["xent_grad_rows", "xent_rows"]
+    xt = torch.asarray(x.astype(np.float64), requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(
+        xt, torch.asarray(t), reduction=reduction, label_smoothing=eps, ignore_index=-100
+    )
+    (ref_dx,) = torch.autograd.grad(ref, xt, torch.asarray(dloss, dtype=torch.float64))
+    tol = 1e-5 if dtype == "float32" else 1e-12
+    xp_assert_close(loss, ref.detach().numpy().astype(dtype), dtype=dtype, rtol=tol, atol=tol)
+    xp_assert_close(dx, ref_dx.numpy().astype(dtype), dtype=dtype, rtol=tol, atol=tol)
+    assert np.all(dx[2] == 0) and np.all(dx[5] == 0)  # ignored rows
+
+
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_fused_cross_entropy_special_rows(monkeypatch, eps, rng):
+    """+inf, NaN and -inf logits: the limits written out here (torch gives NaN for +inf rows),
+    and the gradient as the generic code gives it."""
+    calls = _xent_spy(monkeypatch)
+    n = 10
+    x = rng.standard_normal((6, n))
+    x[0, 5] = np.inf  # +inf row, target elsewhere: the loss is +inf
+    x[1, [2, 7]] = np.inf  # two +inf entries, the target on one: log 2 (eps: +inf)
+    x[2, 4] = np.nan  # a NaN row, ignored: 0
+    x[3, 9] = -np.inf  # the target at -inf: +inf
+    x[4, 1] = np.nan  # a NaN row: NaN
+    t = np.array([0, 2, -100, 9, 3, 1])
+    dloss = rng.standard_normal(6)
+    loss, dx = _xent_both(x, t, "none", eps, dloss)
+    assert sorted(set(calls)) == ["xent_grad_rows", "xent_rows"]
+    finite_tail = -scipy.special.log_softmax(x[5])[1] * (1 - eps) - eps * np.mean(
+        scipy.special.log_softmax(x[5])
+    )
+    expected = [np.inf, np.log(2.0) if not eps else np.inf, 0.0, np.inf, np.nan, finite_tail]
+    xp_assert_close(loss, np.array(expected), rtol=1e-12, atol=0)
+    monkeypatch.setenv("XPSOFTMAX_CPU", "numpy")  # the generic code
+    _, dx_generic = _xent_both(x, t, "none", eps, dloss)
+    xp_assert_close(dx, dx_generic, rtol=1e-12, atol=1e-15)
+    limit = dloss[1] * (np.where(np.isinf(x[1]), 0.5, 0.0) - np.eye(n)[2] * (1 - eps) - eps / n)
+    xp_assert_close(dx[1], limit, rtol=1e-12, atol=1e-15)
+
+
+def test_cross_entropy_takes_the_generic_code_on_the_numpy_path(monkeypatch, rng):
+    from xpsoftmax.backends.numpy import kernels as k
+
+    monkeypatch.setattr(k, "xent_rows", None)  # would fail if called
+    monkeypatch.setenv("XPSOFTMAX_CPU", "numpy")
+    x = rng.standard_normal((5, 7))
+    t = rng.integers(0, 7, 5)
+    r = xpsoftmax.cross_entropy(x, t)
+    ref = -np.mean(scipy.special.log_softmax(x, axis=-1)[np.arange(5), t])
+    xp_assert_close(r, np.asarray(ref))

@@ -6,7 +6,8 @@ NumPy calls over cache-sized blocks (where numba is missing or cannot compile, o
 ``XPSOFTMAX_CPU=numpy``). ``blocked.py`` also holds what both share: the views, the ``out=``
 aliasing rules and the thread pool. :func:`forward` and :func:`product` are the entry points
 that other backends (the torch CPU bridge) call on NumPy views. Cross-entropy on NumPy takes the
-generic backend, whose log-softmax sub-call comes back here.
+generic backend, whose log-softmax sub-call comes back here, except on the compiled path the
+common case (class indices along the last axis, no mask: ``xent.py``, fused kernels).
 """
 
 from __future__ import annotations
@@ -62,9 +63,20 @@ def active_path() -> tuple[str, str]:
     return "compiled", f"numba {numba.__version__}"
 
 
+_XENT_KINDS = frozenset(("xent", "xent_vjp"))
+
+
 def takes(call: Call | XentCall) -> bool:
-    """Row operations on arrays that ``blocked.takes`` accepts (float16/32/64 ndarrays...)."""
-    return call.op.kind in ROW_KINDS and blocked.takes(call.arrays, call.axes, call.out)
+    """Row operations on arrays that ``blocked.takes`` accepts (float16/32/64 ndarrays...);
+    on the compiled path also the cross-entropy calls that ``xent.takes`` accepts."""
+    kind = call.op.kind
+    if kind in _XENT_KINDS:
+        if not _config.numpy_fast() or _implementation() is blocked:
+            return False
+        from . import xent
+
+        return xent.takes(call)  # type: ignore[arg-type]
+    return kind in ROW_KINDS and blocked.takes(call.arrays, call.axes, call.out)
 
 
 def forward(
@@ -101,8 +113,12 @@ def _numba_errors() -> type[Exception]:
     return NumbaError
 
 
-def run(call: Call) -> Any:
+def run(call: Call | XentCall) -> Any:
     kind, log = call.op.kind, call.op.log
+    if kind in _XENT_KINDS:
+        from . import xent
+
+        return xent.run(call)  # type: ignore[arg-type]
     if kind == "forward":
         return forward(call.x, call.axes, call.mask, log, call.out)
     product_kind = "softmax" if not log else "log_vjp" if kind == "vjp" else "log_jvp"

@@ -479,3 +479,68 @@ def product_cols(
             for k in range(_u(bk)):
                 r = _update(y[yb + k], g[gb + k], dot[k], kind)
                 out[ob + k] = r if not masked or mk[mb + k] else zero
+
+
+# --------------------------------------------------------------------------------------------
+# fused cross-entropy (class indices along the last axis, no mask): the row statistics of the
+# forward pass, then the loss or the gradient of each row, without the log-softmax array
+
+
+@numba.njit(fastmath=_FLAGS, **_JIT)
+def xent_rows(x, sx, t, r0, r1, n, eps, loss):
+    """``loss[i]`` = ``-(1 - eps) ly[t[i]] - eps mean(ly)`` of rows ``r0 <= i < r1`` (``ly`` the
+    log-softmax of the row, as :func:`forward_rows` defines it)."""
+    zero = _like(x[0], 0.0)
+    for i in range(r0, r1):
+        xr = x[i * sx : i * sx + n]
+        m = _like(x[0], -np.inf)
+        for j in range(n):
+            m = fmaximum(m, xr[j])
+        shift, inf_row = _row_shift(m, n, False)
+        total, zsum = 0.0, 0.0
+        for j0 in range(0, n, _CHUNK):
+            j1 = min(j0 + _CHUNK, n)
+            xc = xr[j0:j1]
+            c, cz = zero, zero
+            for j in range(j1 - j0):
+                z = _shifted(xc[j], shift, inf_row)
+                c += _exp(z)
+                cz += z
+            total += c
+            zsum += cz
+        ls = np.log(_like(m, total))
+        picked = _shifted(xr[t[i]], shift, inf_row) - ls
+        r = -picked
+        if eps != 0:
+            mean = (_like(m, zsum) - n * ls) / n
+            r = (1 - eps) * r - eps * mean
+        loss[i] = r
+
+
+@numba.njit(fastmath=_FLAGS, **_JIT)
+def xent_grad_rows(x, sx, t, w, r0, r1, n, eps, out, so):
+    """``out[i, j]`` = ``w[i] (softmax_j - q_j)``, ``q`` the one-hot of ``t[i]`` mixed with the
+    uniform distribution by ``eps``: d(loss)/d(logits) of rows ``r0 <= i < r1``."""
+    zero = _like(x[0], 0.0)
+    for i in range(r0, r1):
+        xr, orow = x[i * sx : i * sx + n], out[i * so : i * so + n]
+        m = _like(x[0], -np.inf)
+        for j in range(n):
+            m = fmaximum(m, xr[j])
+        shift, inf_row = _row_shift(m, n, False)
+        total = 0.0
+        for j0 in range(0, n, _CHUNK):
+            j1 = min(j0 + _CHUNK, n)
+            xc, oc = xr[j0:j1], orow[j0:j1]
+            c = zero
+            for j in range(j1 - j0):
+                e = _exp(_shifted(xc[j], shift, inf_row))
+                oc[j] = e
+                c += e
+            total += c
+        wi = _like(zero, w[i])
+        scale = wi / _like(zero, total)
+        off = _like(zero, wi * eps / n)
+        for j in range(n):
+            orow[j] = orow[j] * scale - off
+        orow[t[i]] -= _like(zero, wi * (1 - eps))

@@ -1,0 +1,98 @@
+"""Fused cross-entropy on NumPy: the per-sample losses, or the gradient, in one kernel per row.
+
+Taken here (see :func:`takes`): class-index targets along the last axis of a float32/float64
+ndarray, without a mask, on the compiled CPU path. The kernels (``kernels.xent_rows``,
+``kernels.xent_grad_rows``) read each row for its statistics and write only the losses (or the
+gradient), where the generic code writes the whole log-softmax first and reads it back. What
+surrounds them (ignored samples, the reduction, the per-sample weights of the backward) is the
+generic backend's own code, so the two cannot drift apart. Everything else takes the generic
+backend, whose log-softmax sub-call comes back to the NumPy backend.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..._call import XentCall
+from ..generic import cross_entropy as generic
+from . import blocked, kernels
+
+Array = Any
+
+__all__ = ["run", "takes"]
+
+
+def takes(call: XentCall) -> bool:
+    x = call.x_in
+    return (
+        call.kind == "index"
+        and call.mask is None
+        and getattr(call, "weight", None) is None
+        and type(x) is np.ndarray
+        and x.dtype.char in "fd"
+        and x.ndim >= 1
+        and call.axis == x.ndim - 1
+        and x.shape[-1] > 0
+        and x.size > 0
+    )
+
+
+def _rows(call: XentCall) -> tuple[Array, Array, int]:
+    """The logits as a flat read-only buffer of C-ordered rows, the targets per row, ``n``."""
+    n = call.x_in.shape[-1]
+    x = np.ascontiguousarray(call.x_in).reshape(-1)
+    x.flags.writeable = False
+    t = np.ascontiguousarray(call.targets, dtype=np.int64).reshape(-1)
+    t.flags.writeable = False
+    return x, t, n
+
+
+def _tasks(rows: int, n: int, itemsize: int, threads: int, task) -> None:
+    per = max(1, blocked._block_elems(itemsize) // n)
+    count = -(-rows // per)
+
+    def run(k: int) -> None:
+        task(k * per, min(rows, k * per + per))
+
+    big = rows * n * itemsize >= blocked._SMALL_BYTES
+    blocked.run_tasks(count, threads if big else 1, run)
+
+
+def run(call: XentCall) -> Array:
+    from ... import _config
+
+    x, t, n = _rows(call)
+    rows = x.size // n
+    dtype = call.x_in.dtype
+    threads = _config.num_threads()
+    eps = float(call.eps)
+    if call.op.kind == "xent":
+        loss = np.empty(rows, dtype=dtype)
+        _tasks(
+            rows,
+            n,
+            dtype.itemsize,
+            threads,
+            lambda r0, r1: kernels.xent_rows(x, n, t, r0, r1, n, eps, loss),
+        )
+        loss = loss.reshape(call.loss_shape)
+        if call.valid is not None:
+            loss = np.where(call.valid, loss, 0).astype(dtype, copy=False)
+        return generic.reduce(call, loss, call.reduction)
+    w = generic.sample_weights(call, call.reduction, call.dloss)
+    w = np.ascontiguousarray(w, dtype=np.float64).reshape(-1)
+    w.flags.writeable = False
+    out = np.empty(call.x_in.shape, dtype=dtype)
+    flat = out.reshape(-1)
+    _tasks(
+        rows,
+        n,
+        dtype.itemsize,
+        threads,
+        lambda r0, r1: kernels.xent_grad_rows(x, n, t, w, r0, r1, n, eps, flat, n),
+    )
+    if call.valid is not None:
+        out[~call.valid] = 0
+    return out
