@@ -594,8 +594,9 @@ def test_gpu_loop_on_a_stand_in_matches_the_cpu(
     assert result.dtype == expected.dtype and result.shape == expected.shape
     assert np.isfortran(result) == np.isfortran(expected)
     # The stand-in's device buffers are an ndarray subclass, which takes xpsoftmax's generic
-    # code rather than the NumPy fast path: equal to rounding, not byte for byte.
-    np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-7)
+    # code rather than the NumPy fast path: equal to rounding, not byte for byte (float32
+    # log-softmax values near 0 are a difference of numbers near 3: a few ulp of 3 absolute).
+    np.testing.assert_allclose(result, expected, rtol=1e-6, atol=1e-6)
     np.testing.assert_allclose(result, _independent(op, paths, extra), rtol=2e-5, atol=2e-6)
     # Two slots, each with device and pinned buffers; both fit in --batch-mb.
     job = _batch.open_job(_batch.Spec(op, tuple(paths), batch_bytes=int(float(mb) * 2**20)))

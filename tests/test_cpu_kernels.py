@@ -401,3 +401,32 @@ def test_cross_entropy_takes_the_generic_code_on_the_numpy_path(monkeypatch, rng
     r = xpsoftmax.cross_entropy(x, t)
     ref = -np.mean(scipy.special.log_softmax(x, axis=-1)[np.arange(5), t])
     xp_assert_close(r, np.asarray(ref))
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "float64"])
+def test_a_row_gives_the_same_bits_wherever_it_sits(dtype, rng):
+    """The result of a row does not depend on the rows around it (how a Dask array is chunked,
+    which rows share a kernel call): every slice of rows gives the bits of the whole."""
+    x = (3.0 * rng.standard_normal((37, 300))).astype(dtype)
+    g = rng.standard_normal((37, 300)).astype(dtype)
+    whole = [
+        xpsoftmax.softmax(x),
+        xpsoftmax.log_softmax(x),
+        xpsoftmax.softmax_backward(x, g),
+        xpsoftmax.log_softmax_backward(x, g),
+    ]
+    for lo, hi in [(0, 1), (1, 4), (3, 10), (5, 6), (30, 37), (2, 37)]:
+        parts = [
+            xpsoftmax.softmax(x[lo:hi]),
+            xpsoftmax.log_softmax(x[lo:hi]),
+            xpsoftmax.softmax_backward(x[lo:hi], g[lo:hi]),
+            xpsoftmax.log_softmax_backward(x[lo:hi], g[lo:hi]),
+        ]
+        for w, p in zip(whole, parts, strict=True):
+            assert w[lo:hi].tobytes() == p.tobytes(), (lo, hi)
+    # in place: the same bits as into a new array
+    inplace = x.copy()
+    assert xpsoftmax.softmax(inplace, out=inplace).tobytes() == whole[0].tobytes()
+    inplace = g.copy()
+    r = xpsoftmax.softmax_backward(x, inplace, out=inplace)
+    assert r.tobytes() == whole[2].tobytes()

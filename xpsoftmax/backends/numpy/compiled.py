@@ -119,13 +119,6 @@ def _direct(x: Array, axes: tuple[int, ...], mask: Array | None, out: Array | No
     )
 
 
-def _ro(a: Array) -> Array:
-    """A read-only view of ``a`` (the kernels are compiled for read-only inputs only)."""
-    v = a.view()
-    v.flags.writeable = False
-    return v
-
-
 def _ro_flat(a: Array) -> Array:
     """A read-only flat view of the C-ordered ``a`` (``reshape`` already makes a new view)."""
     v = a.reshape(-1)
@@ -156,18 +149,26 @@ def forward(
     if xv.ndim == 2:
         n = xv.shape[1]
 
+        alias = c.aliases[0]
+
         def task(t: int) -> None:
             r0 = t * plan.rows
             r1 = min(r0 + plan.rows, xv.shape[0])
-            if not half:
+            if not (half or alias):
                 kernels.forward_rows(xf, xs[0], mk, ms[0], masked, ff, fs[0], r0, r1, n, log)
                 return
-            w = blocked._scratch.get(0, ct, (r1 - r0, n))
-            np.copyto(w, xv[r0:r1])
-            wf = w.reshape(-1)
+            # float16, or out= the input itself: the rows are written to scratch first, then
+            # copied (the kernels' loops do not vectorize where input and output overlap).
+            if half:
+                w = blocked._scratch.get(0, ct, (r1 - r0, n))
+                np.copyto(w, xv[r0:r1])
+                src, sx = _ro_flat(w), n
+            else:
+                src, sx = xf[r0 * xs[0] :], xs[0]
+            wo = blocked._scratch.get(1, ct, (r1 - r0, n))
             m0 = mk[r0 * ms[0] :] if masked else mk
-            kernels.forward_rows(_ro(wf), n, m0, ms[0], masked, wf, n, 0, r1 - r0, n, log)
-            np.copyto(ov[r0:r1], w)
+            kernels.forward_rows(src, sx, m0, ms[0], masked, wo.reshape(-1), n, 0, r1 - r0, n, log)
+            np.copyto(ov[r0:r1], wo)
 
     else:
         outer, n, inner = xv.shape
@@ -180,12 +181,15 @@ def forward(
                 kernels.forward_cols(xf, *xs, mk, *ms, masked, ff, *fs, o0, o1, k0, k1, n, log)
                 return
             w = blocked._scratch.get(0, ct, (o1 - o0, n, k1 - k0))
+            wo = blocked._scratch.get(1, ct, w.shape)
             np.copyto(w, xv[o0:o1, :, k0:k1])
-            wf, bk = w.reshape(-1), k1 - k0
+            wf, bk = _ro_flat(w), k1 - k0
             m0 = mk[o0 * ms[0] + k0 :] if masked else mk
             st = (n * bk, bk)
-            kernels.forward_cols(_ro(wf), *st, m0, *ms, masked, wf, *st, 0, o1 - o0, 0, bk, n, log)
-            np.copyto(ov[o0:o1, :, k0:k1], w)
+            kernels.forward_cols(
+                wf, *st, m0, *ms, masked, wo.reshape(-1), *st, 0, o1 - o0, 0, bk, n, log
+            )
+            np.copyto(ov[o0:o1, :, k0:k1], wo)
 
     blocked.run_tasks(plan.count, c.threads, task)
     return c.finish()
@@ -227,22 +231,30 @@ def product(
     if yv.ndim == 2:
         n = yv.shape[1]
 
+        alias = c.aliases[0] or c.aliases[1]
+
         def task(t: int) -> None:
             r0 = t * plan.rows
             r1 = min(r0 + plan.rows, yv.shape[0])
-            if not half:
+            if not (half or alias):
                 kernels.product_rows(
                     yf, ys[0], gf, gs[0], mk, ms[0], masked, ff, fs[0], r0, r1, n, k
                 )
                 return
-            wy = blocked._scratch.get(0, ct, (r1 - r0, n))
-            wg = blocked._scratch.get(1, ct, (r1 - r0, n))
-            np.copyto(wy, yv[r0:r1])
-            np.copyto(wg, gv[r0:r1])
-            fy, fg = wy.reshape(-1), _ro(wg.reshape(-1))
+            if half:  # (scratch first: see forward)
+                wy = blocked._scratch.get(0, ct, (r1 - r0, n))
+                wg = blocked._scratch.get(1, ct, (r1 - r0, n))
+                np.copyto(wy, yv[r0:r1])
+                np.copyto(wg, gv[r0:r1])
+                fy, sy, fg, sg = _ro_flat(wy), n, _ro_flat(wg), n
+            else:
+                fy, sy, fg, sg = yf[r0 * ys[0] :], ys[0], gf[r0 * gs[0] :], gs[0]
+            wo = blocked._scratch.get(2, ct, (r1 - r0, n))
             m0 = mk[r0 * ms[0] :] if masked else mk
-            kernels.product_rows(_ro(fy), n, fg, n, m0, ms[0], masked, fy, n, 0, r1 - r0, n, k)
-            np.copyto(ov[r0:r1], wy)
+            kernels.product_rows(
+                fy, sy, fg, sg, m0, ms[0], masked, wo.reshape(-1), n, 0, r1 - r0, n, k
+            )
+            np.copyto(ov[r0:r1], wo)
 
     else:
         outer, n, inner = yv.shape
@@ -258,16 +270,17 @@ def product(
                 return
             bk = k1 - k0
             wy = blocked._scratch.get(0, ct, (o1 - o0, n, bk))
-            wg = blocked._scratch.get(1, ct, (o1 - o0, n, bk))
+            wg = blocked._scratch.get(1, ct, wy.shape)
+            wo = blocked._scratch.get(2, ct, wy.shape)
             np.copyto(wy, yv[o0:o1, :, k0:k1])
             np.copyto(wg, gv[o0:o1, :, k0:k1])
-            fy, fg = wy.reshape(-1), _ro(wg.reshape(-1))
+            fy, fg = _ro_flat(wy), _ro_flat(wg)
             m0 = mk[o0 * ms[0] + k0 :] if masked else mk
             st = (n * bk, bk)
             kernels.product_cols(
-                _ro(fy), *st, fg, *st, m0, *ms, masked, fy, *st, 0, o1 - o0, 0, bk, n, k
+                fy, *st, fg, *st, m0, *ms, masked, wo.reshape(-1), *st, 0, o1 - o0, 0, bk, n, k
             )
-            np.copyto(ov[o0:o1, :, k0:k1], wy)
+            np.copyto(ov[o0:o1, :, k0:k1], wo)
 
     blocked.run_tasks(plan.count, c.threads, task)
     return c.finish()
