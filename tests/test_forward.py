@@ -451,7 +451,7 @@ def test_dask_split_axis_extreme_values_without_warnings():
 
 @pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
 def test_dask_split_axis_fully_masked_rows_raise_no_warning(func, ref, log):
-    """A fully masked row's sum is set to 1 before the division, so the generic path on Dask
+    """A fully masked row's sum is set to 1 before the division, so the split path on Dask
     (computed outside any floating-point error state) never computes 0 / 0."""
     da = pytest.importorskip("dask.array")
     x = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])
