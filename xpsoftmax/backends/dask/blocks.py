@@ -28,8 +28,12 @@ def _ctype(xp: Any, dtype: Any) -> Any:
 
 def _kept(xp: Any, a: Any, mask: Any, fill: float) -> Any:
     """``a`` in the compute dtype, ``fill`` at the masked entries (whose values are not used)."""
-    a = xp.astype(a, _ctype(xp, a.dtype))
+    a = xp.astype(a, _ctype(xp, a.dtype), copy=False)
     return a if mask is None else xp.where(mask, a, xp.asarray(fill, dtype=a.dtype))
+
+
+def _count(xp: Any, flags: Any, axes: tuple[int, ...]) -> Any:
+    return xp.sum(flags, axis=axes, keepdims=True, dtype=xp.float64)
 
 
 def stats_block(x: Any, mask: Any, *, axes: tuple[int, ...]) -> Any:
@@ -43,14 +47,18 @@ def stats_block(x: Any, mask: Any, *, axes: tuple[int, ...]) -> Any:
         xm = _kept(xp, x, mask, -math.inf)
         m = xp.max(xm, axis=axes, keepdims=True)
         finite = xp.isfinite(m)
-        # Rows whose maximum is +-inf or NaN have no sum here (the combined row decides).
-        z = xp.where(finite, xm - xp.where(finite, m, xp.zeros_like(m)), -math.inf)
-        s = xp.sum(xp.exp(z), axis=axes, keepdims=True)
-        n_inf = xp.sum(xp.astype(xm == math.inf, xp.float64), axis=axes, keepdims=True)
+        # Rows whose maximum is not finite are shifted by +inf: their sum (NaN or 0) is dropped
+        # below, as the combined row decides what they give. No full-size select is needed.
+        s = xp.sum(xp.exp(xm - xp.where(finite, m, math.inf)), axis=axes, keepdims=True)
+        s = xp.where(finite, s, xp.zeros_like(s))
+        if xp.any(m == math.inf):  # (a row-sized test: the count costs a pass only then)
+            n_inf = _count(xp, xm == math.inf, axes)
+        else:
+            n_inf = xp.zeros(shape, dtype=xp.float64)
         if mask is None:
             n_kept = xp.full(shape, math.prod(x.shape[a] for a in axes), dtype=xp.float64)
         else:
-            n_kept = xp.sum(xp.astype(mask, xp.float64), axis=axes, keepdims=True)
+            n_kept = _count(xp, mask, axes)
         parts = (m, s, n_inf, n_kept)
         return xp.stack([xp.astype(p, xp.float64) for p in parts], axis=-1)
 
@@ -91,32 +99,39 @@ def forward_block(x: Any, mask: Any, stats: Any, *, log: bool) -> Any:
     with np.errstate(all="ignore"):
         xm = _kept(xp, x, mask, -math.inf)
         shift, total, inf_row = _shift_and_sum(xp, stats, xm.dtype)
-        neg_inf = xp.asarray(-math.inf, dtype=xm.dtype)
-        xm = xp.where(inf_row, xp.where(xm == math.inf, xp.zeros_like(xm), neg_inf), xm)
+        if xp.any(inf_row):  # the limit: 0 at the +inf entries, -inf elsewhere
+            neg_inf = xp.asarray(-math.inf, dtype=xm.dtype)
+            xm = xp.where(inf_row, xp.where(xm == math.inf, xp.zeros_like(xm), neg_inf), xm)
         z = xm - shift
-        r = z - xp.log(total) if log else xp.exp(z) / total
+        if log:
+            z -= xp.log(total)
+        else:
+            z = xp.exp(z)
+            z /= total
         if mask is not None:
-            r = xp.where(mask, r, -math.inf if log else 0.0)
-        return xp.astype(r, x.dtype)
+            z = xp.where(mask, z, -math.inf if log else 0.0)
+        return xp.astype(z, x.dtype, copy=False)
 
 
-def _dot_terms(xp: Any, y: Any, g: Any, mask: Any, op: Op) -> tuple[Any, Any, Any]:
-    """The compute-dtype ``y`` and ``g`` (0 where masked) and the terms of the row dot."""
-    y, g = _kept(xp, y, mask, 0.0), _kept(xp, g, mask, 0.0)
-    if op.log and op.kind == "vjp":
-        terms = g  # sum(dy)
-    elif op.log:
-        terms = xp.exp(y) * g  # sum(exp(y) * t)
-    else:
-        terms = y * g  # sum(y * dy)
-    return y, g, terms if mask is None else xp.where(mask, terms, xp.zeros_like(terms))
+def _inputs(xp: Any, y: Any, g: Any, mask: Any) -> tuple[Any, Any]:
+    """``y`` and ``g`` in the compute dtype, 0 at the masked entries (so no ``0 * inf``)."""
+    return _kept(xp, y, mask, 0.0), _kept(xp, g, mask, 0.0)
 
 
 def dot_block(y: Any, g: Any, mask: Any, *, op: Op, axes: tuple[int, ...]) -> Any:
-    """One block's partial row dot of a VJP or JVP (keepdims shape, compute dtype)."""
+    """One block's partial row dot of a VJP or JVP (keepdims shape, compute dtype): ``sum(y *
+    dy)`` (softmax), ``sum(dy)`` (log-softmax VJP) or ``sum(exp(y) * t)`` (log-softmax JVP);
+    masked entries add exactly 0."""
     xp = _compat.array_namespace(y)
     with np.errstate(all="ignore"):
-        return xp.sum(_dot_terms(xp, y, g, mask, op)[2], axis=axes, keepdims=True)
+        y, g = _inputs(xp, y, g, mask)
+        if op.log and op.kind == "vjp":
+            terms = g
+        elif op.log:
+            terms = xp.exp(y) * g
+        else:
+            terms = y * g
+        return xp.sum(terms, axis=axes, keepdims=True)
 
 
 def combine_dots(dots: Any, axis: tuple[int, ...], keepdims: bool = True, **_: Any) -> Any:
@@ -128,7 +143,7 @@ def grad_block(y: Any, g: Any, mask: Any, dot: Any, *, op: Op) -> Any:
     """One output block of a VJP or JVP from the row's combined dot."""
     xp = _compat.array_namespace(y)
     with np.errstate(all="ignore"):
-        yc, gc, _ = _dot_terms(xp, y, g, mask, op)
+        yc, gc = _inputs(xp, y, g, mask)
         if op.log and op.kind == "vjp":
             r = gc - xp.exp(yc) * dot
         elif op.log:
@@ -137,4 +152,4 @@ def grad_block(y: Any, g: Any, mask: Any, dot: Any, *, op: Op) -> Any:
             r = yc * (gc - dot)
         if mask is not None:
             r = xp.where(mask, r, xp.zeros_like(r))
-        return xp.astype(r, y.dtype)
+        return xp.astype(r, y.dtype, copy=False)
