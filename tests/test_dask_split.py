@@ -320,3 +320,36 @@ def test_unknown_and_empty_chunks_along_the_split_axis(rng):
     dx = xpsoftmax.softmax_backward(xpsoftmax.softmax(e), da.from_array(g, chunks=(2, 3)))
     _, vjp, _ = _torch_grads(x, g, -1, False)
     np.testing.assert_allclose(dx.compute(), vjp, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
+def test_block_functions_are_array_api_code(log, rng):
+    """What CuPy chunks run, checked on array-api-strict blocks (no GPU here): two partials of
+    one row set, combined by hand, then the output blocks; float64 references."""
+    xs = pytest.importorskip("array_api_strict")
+    from xpsoftmax._call import LOG_SOFTMAX_VJP, SOFTMAX_VJP
+    from xpsoftmax.backends.dask import blocks
+
+    x, mask = _edge_rows()
+    cuts = (slice(0, 4), slice(4, 8))
+    halves = [(xs.asarray(x[:, c]), xs.asarray(mask[:, c])) for c in cuts]
+    parts = [blocks.stats_block(a, m, axes=(1,)) for a, m in halves]
+    stats = blocks.combine_stats(xs.concat(parts, axis=1), axis=(1,))
+    out = [blocks.forward_block(a, m, stats, log=log) for a, m in halves]
+    assert all(isinstance(o, type(halves[0][0])) for o in out)
+    got = np.concatenate([np.asarray(o) for o in out], axis=1)
+    np.testing.assert_allclose(got, ref_softmax(x, where=mask, log=log), rtol=1e-15, atol=0)
+    # The VJP: partial dots, their sum, the output blocks.
+    op = LOG_SOFTMAX_VJP if log else SOFTMAX_VJP
+    y = ref_softmax(rng.standard_normal((8, 8)), where=mask, log=log)
+    g = rng.standard_normal((8, 8))
+    blocks_yg = [(xs.asarray(y[:, c]), xs.asarray(g[:, c]), xs.asarray(mask[:, c])) for c in cuts]
+    dots = [blocks.dot_block(a, b, m, op=op, axes=(1,)) for a, b, m in blocks_yg]
+    dot = blocks.combine_dots(xs.concat(dots, axis=1), axis=(1,))
+    got = np.concatenate([np.asarray(blocks.grad_block(*t, dot, op=op)) for t in blocks_yg], 1)
+    gk = np.where(mask, g, 0.0)
+    if log:
+        want = gk - np.exp(y) * gk.sum(-1, keepdims=True)
+    else:
+        want = y * (gk - (y * gk).sum(-1, keepdims=True))
+    np.testing.assert_allclose(got, np.where(mask, want, 0.0), rtol=1e-13, atol=1e-15)

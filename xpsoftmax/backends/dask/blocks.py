@@ -16,24 +16,20 @@ import numpy as np
 
 from ... import _compat
 from ..._call import Op
+from ..._dtypes import compute_dtype
 
 #: The fields of the forward statistics, along their last axis.
 MAX, SUMEXP, N_INF, N_KEPT = range(4)
 
 
-def _ctype(xp: Any, dtype: Any) -> Any:
-    """The compute dtype: float32 for half precision."""
-    return xp.float32 if dtype == xp.float16 else dtype
-
-
 def _kept(xp: Any, a: Any, mask: Any, fill: float) -> Any:
     """``a`` in the compute dtype, ``fill`` at the masked entries (whose values are not used)."""
-    a = xp.astype(a, _ctype(xp, a.dtype), copy=False)
+    a = xp.astype(a, compute_dtype(xp, a.dtype), copy=False)
     return a if mask is None else xp.where(mask, a, xp.asarray(fill, dtype=a.dtype))
 
 
 def _count(xp: Any, flags: Any, axes: tuple[int, ...]) -> Any:
-    return xp.sum(flags, axis=axes, keepdims=True, dtype=xp.float64)
+    return xp.astype(xp.count_nonzero(flags, axis=axes, keepdims=True), xp.float64)
 
 
 def stats_block(x: Any, mask: Any, *, axes: tuple[int, ...]) -> Any:
