@@ -78,6 +78,10 @@ def test_split_axes_take_the_dask_backend():
     assert backend_of(x, axis=1) == "dask"
     assert backend_of(x, axis=0) == "dask"
     assert backend_of(x, x, axis=(0, 1)) == "dask"
+    # More dimensions than blockwise has letters: the generic code.
+    many = da.from_array(np.zeros((1,) * 24 + (2, 2)), chunks=1)
+    assert backend_of(many) == "generic"
+    assert backend_of(many.rechunk({25: 2})) == "dask"  # whole rows: one task per block
 
 
 @pytest.mark.parametrize(("func", "log"), FORWARD)

@@ -31,7 +31,14 @@ __all__ = ["run", "takes"]
 
 def takes(call: Any) -> bool:
     """Row operations (forward, VJP, JVP) on Dask arrays, split softmax axes included."""
-    return call.op.kind in ROW_KINDS
+    if call.op.kind not in ROW_KINDS:
+        return False
+    # (The split path names each dimension with a letter of ``blockwise``: 25 at most.)
+    return call.x.ndim <= split.MAX_NDIM or not _split(call)
+
+
+def _split(call: Call) -> bool:
+    return any(len(call.x.chunks[a]) > 1 for a in call.axes)
 
 
 def _block(*blocks: Any, op: Op, axes: tuple[int, ...], masked: bool, mode: str) -> Any:
@@ -50,7 +57,7 @@ def run(call: Call) -> Any:
     import dask.array as da
 
     x = call.x
-    if any(len(x.chunks[a]) > 1 for a in call.axes):
+    if _split(call):
         return split.run(call)
     arrays = [x, *(aligned(a, x) for a in call.arrays[1:])]
     if call.mask is not None:

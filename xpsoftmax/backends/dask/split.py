@@ -22,7 +22,7 @@ import numpy as np
 from ..._call import Call
 from . import blocks
 
-__all__ = ["SPLIT_EVERY", "aligned", "row_stats", "run"]
+__all__ = ["MAX_NDIM", "SPLIT_EVERY", "aligned", "row_stats", "run"]
 
 #: Partials combined per task of the tree reduction (fixed, so results do not depend on
 #: ``dask.config``'s ``split_every``).
@@ -34,9 +34,15 @@ def aligned(a: Any, like: Any) -> Any:
     return a if a.chunks == like.chunks else a.rechunk(like.chunks)
 
 
+_LETTERS = "abcdefghijklmnopqrstuvwxy"  # ("z" is the statistics' last axis)
+
+#: The most dimensions the split path takes (one ``blockwise`` letter each).
+MAX_NDIM = len(_LETTERS)
+
+
 def _index(ndim: int) -> str:
-    """The ``blockwise`` index of an array of ``ndim`` dimensions ("z" is the statistics')."""
-    return "abcdefghijklmnopqrstuvwxy"[:ndim]
+    """The ``blockwise`` index of an array of ``ndim`` dimensions."""
+    return _LETTERS[:ndim]
 
 
 def _partials(func: Any, arrays: list[Any], reduced: tuple[int, ...], new: int, dtype: Any, **kw):
