@@ -9,7 +9,8 @@
     Dask arrays made with ``xp.asarray`` are one chunk, so the Dask backend runs the NumPy path
     block by block. A module that sets ``DASK_SPLIT = True`` also runs a second Dask layout, id
     ``dask-split``: ``xp.asarray`` cuts every axis longer than 1 into two chunks, so the softmax
-    axes are split and the generic path runs on Dask (``library`` is ``Backend.DASK`` in both).
+    axes are split and the Dask backend's two-pass split path runs (``library`` is
+    ``Backend.DASK`` in both).
 ``library``
     The :class:`_helpers.Backend` member of the current ``xp``.
 ``rng``
@@ -29,7 +30,6 @@ Assertions and references live in ``tests/_helpers.py``:
 from __future__ import annotations
 
 import os
-import warnings
 
 import numpy as np
 import pytest
@@ -112,11 +112,6 @@ def xp(library: Backend, request: pytest.FixtureRequest, monkeypatch: pytest.Mon
     """The array-API namespace of the current backend (see the module docstring)."""
     ns = library.namespace()
     if request.node.callspec.params.get("library") == _DASK_SPLIT:
-        # NumPy's floating-point warnings escape at Dask compute on the generic path (a known
-        # issue, pinned by a strict xfail in test_forward.py); the values are still checked.
-        # (pytest's per-test warnings context is open from setup to teardown, so this filter
-        # lasts for this test only.)
-        warnings.filterwarnings("ignore", category=RuntimeWarning, module=r"dask\.")
         asarray = ns.asarray
         monkeypatch.setattr(ns, "asarray", lambda obj, /, **kw: _halves(asarray(obj, **kw)))
     return ns

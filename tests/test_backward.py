@@ -218,11 +218,11 @@ def test_empty(xp, func, log, shape, axis):
 
 
 # ------------------------------------------------------------------------------------------
-# the generic path on Dask computes outside any floating-point error state
+# the split path on Dask computes outside any floating-point error state
 
 
 def _on_split_dask(func, y, g, mask):
-    """``func(y, g, where=mask)`` with the softmax axis over two Dask chunks (the generic path),
+    """``func(y, g, where=mask)`` with the softmax axis over two Dask chunks (the split path),
     computed with every floating-point warning an error."""
     da = pytest.importorskip("dask.array")
     chunks = (1, 2)

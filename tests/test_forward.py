@@ -32,11 +32,6 @@ FORWARD = [
 # Every axis of a 3-D array, negative axes, tuples in any order, all axes and None.
 AXES = [-1, 0, 1, 2, -2, -3, (0, 2), (2, 0), (-1, 1), (0, 1, 2), None]
 SHAPE = (3, 4, 5)
-# Known issue: with the softmax axis split across chunks, Dask runs the generic code, and the
-# NumPy floating-point warnings it silences while building the graph (overflow of -max - max, a
-# float32 -> float16 cast to -inf) escape when Dask computes it. Unsplit axes run block by block
-# (xpsoftmax/backends/dask.py) and keep them inside.
-DASK_WARNS = "overflow RuntimeWarning at Dask compute time (x - max, float16 cast)"
 
 
 def _logits(rng: np.random.Generator, shape=SHAPE, dtype="float64") -> np.ndarray:
@@ -436,18 +431,27 @@ def test_result_on_input_device(xp, func, ref, log, rng):
     assert array_api_compat.device(result) == array_api_compat.device(x)
 
 
-@pytest.mark.xfail(reason=DASK_WARNS, strict=True, raises=RuntimeWarning)
 def test_dask_split_axis_extreme_values_without_warnings():
+    """float32's extremes, with the softmax axis split in two chunks (the two-pass split path):
+    no NumPy warning at compute, values against float64 math."""
     da = pytest.importorskip("dask.array")
     big = float(np.finfo(np.float32).max)
     x = np.array([[big, -big, 0.0, big]] * 2, dtype=np.float32)
-    result = xpsoftmax.softmax(da.from_array(x, chunks=(2, 2))).compute()  # axis -1 split in two
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = xpsoftmax.softmax(da.from_array(x, chunks=(2, 2))).compute()  # axis -1 split
+        logs = xpsoftmax.log_softmax(da.from_array(x, chunks=(1, 2))).compute()
     np.testing.assert_allclose(result, [[0.5, 0.0, 0.0, 0.5]] * 2)
+    x64 = x.astype(np.float64)
+    want = (x64 - big) - np.log(2.0)  # log_softmax in float64: the two maxima share the mass
+    with np.errstate(over="ignore"):
+        want = want.astype(np.float32)  # -2 * big rounds to -inf
+    np.testing.assert_allclose(logs, want, rtol=1e-6)
 
 
 @pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
 def test_dask_split_axis_fully_masked_rows_raise_no_warning(func, ref, log):
-    """A fully masked row's sum is set to 1 before the division, so the generic path on Dask
+    """A fully masked row's sum is set to 1 before the division, so the split path on Dask
     (computed outside any floating-point error state) never computes 0 / 0."""
     da = pytest.importorskip("dask.array")
     x = np.array([[1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0]])

@@ -277,9 +277,10 @@ def test_dask_unsplit_axis_runs_one_task_per_block(op):
     np.testing.assert_array_equal(r.compute(), expected)
 
 
-def test_dask_split_axis_keeps_the_generic_reductions():
+def test_dask_split_axis_takes_the_two_pass_split_path():
+    # (tests/test_dask_split.py tests that path; here, only the routing.)
     x = da.from_array(np.zeros((4, 6)), chunks=(2, 3))
-    assert backend_of(x, axis=1) == "generic"
-    assert backend_of(x, axis=0) == "generic"
+    assert backend_of(x, axis=1) == "dask"
+    assert backend_of(x, axis=0) == "dask"
     assert backend_of(x.rechunk((2, 6)), axis=1) == "dask"
     np.testing.assert_allclose(xpsoftmax.softmax(x, axis=1).compute(), np.full((4, 6), 1 / 6))

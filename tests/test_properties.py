@@ -9,7 +9,6 @@ NaN rows, fully masked rows); backward and JVP with the explicit Jacobian
 from __future__ import annotations
 
 import math
-import warnings
 
 import array_api_compat
 import numpy as np
@@ -24,7 +23,7 @@ import xpsoftmax
 # NumPy (its own fast path) and torch/array-api-strict (the generic path) get the most examples;
 # JAX compiles every operation for every new shape and Dask builds a graph per call, so they get
 # fewer. Dask runs twice (conftest.py): one chunk (the NumPy path block by block) and, as
-# dask-split, every axis in two chunks (the generic path on Dask arrays).
+# dask-split, every axis in two chunks (the Dask backend's two-pass split path).
 DASK_SPLIT = True
 _EXAMPLES = {
     Backend.NUMPY: 60,
@@ -123,17 +122,11 @@ def _assert_matches(actual: np.ndarray, expected64: np.ndarray, dtype: str, log_
     np.testing.assert_allclose(actual, expected, equal_nan=True, **tol)
 
 
-def _call_quietly(library: Backend, fn, *args, **kwargs) -> np.ndarray:
+def _call_checked(library: Backend, fn, *args, **kwargs) -> np.ndarray:
     result = fn(*args, **kwargs)
     assert array_api_compat.array_namespace(result) is array_api_compat.array_namespace(args[0])
     assert tuple(result.shape) == tuple(args[0].shape)
-    if library is Backend.DASK:
-        # Known issue, reported and pinned by a strict xfail in test_forward.py: NumPy's
-        # floating-point warnings (overflow of -max - max, float16 casts) escape at Dask compute.
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)
-            return to_numpy(result)
-    return to_numpy(result)
+    return to_numpy(result)  # (on Dask, computed with warnings as errors: none escape)
 
 
 @pytest.mark.parametrize("log", [False, True], ids=["softmax", "log_softmax"])
@@ -146,7 +139,7 @@ def test_forward_property(xp, library, log):
         x, axis, mask = case
         where = None if mask is None else xp.asarray(mask)
         xin = xp.asarray(x)
-        r = _call_quietly(library, fn, xin, axis=axis, where=where)
+        r = _call_checked(library, fn, xin, axis=axis, where=where)
         assert r.dtype == np.dtype(x.dtype)
         n = move_axes_last(x, axis)[0].shape[-1] if log else 0
         _assert_matches(r, ref_softmax(x, axis, where=mask, log=log), str(x.dtype), n)
@@ -185,7 +178,7 @@ def test_backward_and_jvp_property(xp, library, mode):
         y64 = ref_softmax(x, axis, where=full_mask, log=log)
         y = y64.astype(dtype)
         where = None if mask is None else xp.asarray(mask)
-        r = _call_quietly(library, fn, xp.asarray(y), xp.asarray(g), axis=axis, where=where)
+        r = _call_checked(library, fn, xp.asarray(y), xp.asarray(g), axis=axis, where=where)
         assert r.dtype == np.dtype(dtype)
         # Reference: the explicit Jacobian, transposed for the VJP, applied in float64.
         yr, axes = move_axes_last(y.astype(np.float64), axis)

@@ -16,7 +16,7 @@ arrives (as einops and array-api-compat do, from ``sys.modules``):
 backend    module                              takes
 ========== =================================== ==================================================
 numpy      ``backends/numpy``                  NumPy float16/32/64, the softmax family
-dask       ``backends/dask.py``                Dask arrays whose softmax axes are each one chunk
+dask       ``backends/dask/``                  Dask arrays, the softmax family (split axes too)
 cupy       ``backends/cuda/launch.py``         CuPy float16/32/64: the fused kernels of kernels/
 torch-cuda ``backends/cuda/torch_bridge.py``   CUDA tensors, to the same kernels through DLPack
 generic    ``backends/generic``                everything: the pure array-API reference

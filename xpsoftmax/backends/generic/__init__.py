@@ -2,7 +2,7 @@
 
 It is the last entry of the registry and takes every call: the reference the other backends are
 tested against, and the fallback for the inputs they leave (other dtypes, ``XPSOFTMAX_KERNELS=
-never``, torch on the CPU, JAX, array-api-strict, Dask arrays with a split softmax axis).
+never``, torch on the CPU, JAX, array-api-strict, cross-entropy and the Jacobian on Dask).
 """
 
 from __future__ import annotations
