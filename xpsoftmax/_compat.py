@@ -36,6 +36,7 @@ __all__ = [
     "is_jax_array",
     "is_numpy_array",
     "is_torch_array",
+    "is_torch_cpu_array",
     "is_torch_cuda_array",
     "is_writeable_array",
     "size",
@@ -46,6 +47,11 @@ def is_numpy_array(x: object) -> bool:
     """True for a NumPy array (array-api-compat's test, with the plain ``ndarray`` first: this
     runs on every call, and the exact type check costs a tenth of the general one)."""
     return type(x) is np.ndarray or array_api_compat.is_numpy_array(x)
+
+
+def is_torch_cpu_array(x: object) -> bool:
+    """True for a ``torch.Tensor`` that lives on the CPU."""
+    return is_torch_array(x) and x.device.type == "cpu"  # type: ignore[attr-defined]
 
 
 def is_torch_cuda_array(x: object) -> bool:

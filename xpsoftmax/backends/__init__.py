@@ -19,6 +19,8 @@ numpy      ``backends/numpy``                  NumPy float16/32/64, the softmax 
 dask       ``backends/dask/``                  Dask arrays, the softmax family (split axes too)
 cupy       ``backends/cuda/launch.py``         CuPy float16/32/64: the fused kernels of kernels/
 torch-cuda ``backends/cuda/torch_bridge.py``   CUDA tensors, to the same kernels through DLPack
+torch-cpu  ``backends/torch_cpu.py``           CPU tensors, the softmax family: the NumPy
+                                               backend's kernels as torch custom ops
 generic    ``backends/generic``                everything: the pure array-API reference
 ========== =================================== ==================================================
 
@@ -56,6 +58,7 @@ REGISTRY: tuple[tuple[str, str, str | None], ...] = (
     ("dask", ".dask", "is_dask_array"),
     ("cupy", ".cuda.launch", "is_cupy_array"),
     ("torch-cuda", ".cuda.torch_bridge", "is_torch_cuda_array"),
+    ("torch-cpu", ".torch_cpu", "is_torch_cpu_array"),
     ("generic", ".generic", None),
 )
 
