@@ -43,7 +43,8 @@ def test_import_loads_no_tool_backend_or_framework():
     code = (
         "import sys, xpsoftmax\n"
         "bad = [m for m in sys.modules if m.startswith(('xpsoftmax.tools', "
-        "'xpsoftmax.backends.cuda', 'xpsoftmax.backends.dask', 'cupy', 'torch', 'jax', 'dask'))]\n"
+        "'xpsoftmax.backends.cuda', 'xpsoftmax.backends.dask', 'xpsoftmax.backends.torch', "
+        "'cupy', 'torch', 'jax', 'dask'))]\n"
         "print(bad)\n"
     )
     proc = subprocess.run(

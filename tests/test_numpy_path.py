@@ -159,7 +159,7 @@ def test_routing_numpy_only():
     assert backend_of(np.ma.masked_array(np.ones(3))) == "generic"
     assert backend_of(np.float64(1.0)) == "generic"
     torch = pytest.importorskip("torch")
-    assert backend_of(torch.ones(3)) == "generic"
+    assert backend_of(torch.ones(3)) == "torch-cpu"  # the same kernels, as torch custom ops
 
 
 def test_routing_ignores_kernel_switch():

@@ -1,8 +1,8 @@
-"""Gradients of the softmax products with respect to their first argument, in torch operations.
+"""Gradients with respect to ``y`` of the VJP and the JVP, in elementwise torch operations.
 
-Shared by the two torch backends (``cuda/torch_bridge.py``, ``torch_cpu.py``), whose autograd
-runs the kernels for everything else; these are needed only for second derivatives through
-``x`` (a Hessian-vector product), where a few elementwise torch operations do.
+Shared by the torch backends (``cuda/torch_bridge.py``, ``torch_cpu.py``): their products
+``B(y, g)`` and ``T(y, t)`` are kernels, linear in ``g``/``t``; the derivative in ``y`` (needed for
+second derivatives through ``x``, such as a Hessian-vector product) is written out here.
 """
 
 from __future__ import annotations
@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 
 from .. import _dtypes
+
+__all__ = ["jvp_grad_y", "vjp_grad_y"]
 
 Tensor = torch.Tensor
 Axes = tuple[int, ...]
@@ -30,7 +32,7 @@ def _upcast(*ts: Tensor) -> tuple[Tensor, ...]:
     return tuple(t.to(_dtypes.compute_dtype(torch, t.dtype)) for t in ts)
 
 
-def _vjp_grad_y(y: Tensor, g: Tensor, h: Tensor, axes: Axes, mask: Tensor | None, log: bool):
+def vjp_grad_y(y: Tensor, g: Tensor, h: Tensor, axes: Axes, mask: Tensor | None, log: bool):
     """``h^T dB/dy`` for the VJP ``B(y, g)``.
 
     softmax: ``B = y (g - sum(y g))``, so the gradient is ``h (g - sum(y g)) - g sum(h y)``;
@@ -47,14 +49,14 @@ def _vjp_grad_y(y: Tensor, g: Tensor, h: Tensor, axes: Axes, mask: Tensor | None
     return _keep(mask, r).to(dtype)
 
 
-def _jvp_grad_y(y: Tensor, t: Tensor, h: Tensor, axes: Axes, mask: Tensor | None, log: bool):
+def jvp_grad_y(y: Tensor, t: Tensor, h: Tensor, axes: Axes, mask: Tensor | None, log: bool):
     """``h^T dT/dy`` for the JVP ``T(y, t)``.
 
     softmax's JVP is its VJP; log-softmax: ``T = t - sum(exp(y) t)``, so the gradient is
     ``-exp(y) t sum(h)``.
     """
     if not log:
-        return _vjp_grad_y(y, t, h, axes, mask, log)
+        return vjp_grad_y(y, t, h, axes, mask, log)
     dtype = y.dtype
     y, t, h = _upcast(y, t, h)
     r = -torch.exp(y) * t * _rowsum(_keep(mask, h), axes)

@@ -46,7 +46,8 @@ from ..._call import (
     finish,
 )
 from ..._compat import cupy_installed as _cupy_importable
-from ..torch_grads import _jvp_grad_y, _vjp_grad_y
+from ..torch_grads import jvp_grad_y as _jvp_grad_y
+from ..torch_grads import vjp_grad_y as _vjp_grad_y
 from . import launch
 
 __all__ = ["run", "takes"]
@@ -131,10 +132,6 @@ def _launch(
         call = Call(op, xp, cas, axes, _to_cupy(mask), co, co.dtype, "auto")
         finish(launch.run(call), co)
     return out
-
-
-# --------------------------------------------------------------------------------------------
-# gradients with respect to y of the VJP and the JVP (elementwise torch operations)
 
 
 # --------------------------------------------------------------------------------------------
