@@ -502,3 +502,29 @@ def test_check_vjp_on_a_zero_d_input(axis, log):
         else (xpsoftmax.softmax, xpsoftmax.softmax_backward)
     )
     assert xpsoftmax.check_vjp(f, vjp, np.asarray(0.5), axis=axis)
+
+
+@pytest.mark.parametrize(("func", "ref", "log"), FORWARD)
+def test_bfloat16_numpy_arrays_as_scipy_returns_them(func, ref, log):
+    """ml_dtypes.bfloat16 NumPy arrays (np.asarray of a JAX bfloat16 array): bfloat16 out, each
+    value within one bfloat16 rounding of the float64 result (the arithmetic runs in float32)."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.asarray(
+        [[1.0, 2.0, 3.0], [-60.0, 0.5, 80.0], [-np.inf, 0.0, 1.0]], dtype=ml_dtypes.bfloat16
+    )
+    y = func(x)
+    assert y.dtype == x.dtype
+    expected = ref(x.astype(np.float64), axis=-1)
+    np.testing.assert_allclose(
+        y.astype(np.float64), expected, rtol=2.0**-7, atol=2.0**-126
+    )  # below: underflows
+    dy = xpsoftmax.softmax_backward(xpsoftmax.softmax(x), x)
+    assert dy.dtype == x.dtype
+
+
+def test_bfloat16_numpy_cross_entropy_does_not_crash():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    x = np.asarray([[1.0, 2.0, 3.0]], dtype=ml_dtypes.bfloat16)
+    loss = xpsoftmax.cross_entropy(x, np.asarray([2]))
+    expected = -scipy.special.log_softmax(np.asarray([1.0, 2.0, 3.0]))[2]
+    np.testing.assert_allclose(float(loss), expected, rtol=2.0**-7)

@@ -258,6 +258,9 @@ def float_dtype(xp: Any, x: Array, name: str) -> Any:
     if isinstance(dtype, np.dtype) and dtype in _NP_FLOATS:
         # (array-api-strict dtypes hash like NumPy's and warn when compared with them)
         return dtype
+    if isinstance(dtype, np.dtype) and dtype.name == "bfloat16":
+        # ml_dtypes.bfloat16 (np.asarray of a JAX bfloat16 array): numpy.isdtype rejects it
+        return dtype
     if xp.isdtype(dtype, "complex floating"):
         msg = f"{name} must be real, got complex dtype {dtype}"
         raise TypeError(msg)
