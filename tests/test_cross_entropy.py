@@ -237,6 +237,108 @@ def test_empty_batch(xp):
 
 
 # --------------------------------------------------------------------------------------------
+# class weights
+
+
+def _check_weighted(xp, x, t, w, axis=-1, **kwargs):
+    """Loss and gradient with class weights ``w`` against torch's ``weight=``, in float64."""
+    ref_loss, ref_grad = torch_ce(x, t, axis, weight=torch.tensor(w), **kwargs)
+    X, T, W = _arr(xp, x), _arr(xp, t), xp.asarray(w)
+    loss = xpsoftmax.cross_entropy(X, T, axis, weight=W, **kwargs)
+    grad = xpsoftmax.cross_entropy_backward(X, T, axis, weight=W, **kwargs)
+    xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64, err_msg="loss")
+    xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64, err_msg="gradient")
+
+
+@pytest.mark.parametrize(
+    ("label_smoothing", "ignore_index"), [(0.0, None), (0.3, -100), (0.0, 2), (1.0, None)]
+)
+@pytest.mark.parametrize("axis", [-1, 0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_weight_index_targets_match_torch(xp, reduction, axis, label_smoothing, ignore_index, rng):
+    # torch: each sample weighted by weight[t]; "mean" divides by the sum of those weights (over
+    # the non-ignored samples), also with label smoothing.
+    shape = (6, 5) if axis == -1 else (5, 6)
+    x = _logits(rng, shape)
+    t = _indices(rng, (6,), 5, ignore_index, n_ignored=2)
+    w = rng.uniform(0.1, 3.0, size=5)
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing}
+    if ignore_index is not None:
+        kw["ignore_index"] = ignore_index
+    _check_weighted(xp, x, t, w, axis, **kw)
+
+
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_weight_probability_targets_match_torch(xp, reduction, label_smoothing, rng):
+    # torch: weight multiplies each class term; "mean" divides by the number of samples.
+    x, q = _logits(rng, (6, 5)), _probs(rng, (6, 5), -1)
+    w = rng.uniform(0.1, 3.0, size=5)
+    _check_weighted(xp, x, q, w, reduction=reduction, label_smoothing=label_smoothing)
+
+
+def test_weight_edge_values_match_torch(xp, rng):
+    x = _logits(rng, (5, 4))
+    x[0, 1] = -math.inf  # a -inf logit off the target: finite loss, zero gradient there
+    x[1, :] = 0.0
+    t = np.array([0, 2, -100, 3, 1])
+    w = np.array([0.0, 2.0, 0.5, 1.5])  # a zero weight: that class contributes nothing
+    for reduction in REDUCTIONS:
+        _check_weighted(xp, x, t, w, reduction=reduction, ignore_index=-100)
+        _check_weighted(xp, x, t, w, reduction=reduction, ignore_index=-100, label_smoothing=0.2)
+    # every target ignored, or every target of weight 0: "mean" is 0 / 0 = NaN, as torch
+    _check_weighted(xp, x, np.full(5, -100), w, ignore_index=-100)
+    _check_weighted(xp, x, np.zeros(5, dtype=np.int64), w)
+    # NaN in a row poisons that row's loss only ("none")
+    y = x.copy()
+    y[3, 0] = math.nan
+    _check_weighted(xp, y, t, w, reduction="none", ignore_index=-100)
+
+
+def test_weight_empty_batch(xp):
+    x, w = np.zeros((0, 4)), np.ones(4)
+    for reduction in REDUCTIONS:
+        _check_weighted(xp, x, np.zeros((0,), dtype=np.int64), w, reduction=reduction)
+        _check_weighted(xp, x, np.zeros((0, 4)), w, reduction=reduction)
+
+
+def test_weight_with_where_is_the_restricted_weighted_loss(xp, rng):
+    # where= drops classes; the weights of the kept classes apply as torch's on the restricted row
+    x, w = _logits(rng, (4, 5)), rng.uniform(0.1, 3.0, size=5)
+    keep = np.array([True, False, True, True, False])
+    t = np.array([0, 2, 3, 0])
+    tr = np.searchsorted(np.flatnonzero(keep), t)
+    for reduction in REDUCTIONS:
+        ref_loss, ref_grad = torch_ce(
+            x[:, keep], tr, weight=torch.tensor(w[keep]), reduction=reduction
+        )
+        X, W, M = _arr(xp, x), xp.asarray(w), xp.asarray(keep)
+        loss = xpsoftmax.cross_entropy(X, _arr(xp, t), weight=W, where=M, reduction=reduction)
+        grad = xpsoftmax.cross_entropy_backward(
+            X, _arr(xp, t), weight=W, where=M, reduction=reduction
+        )
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+        full = np.zeros_like(x)
+        full[:, keep] = ref_grad
+        xp_assert_close(grad, full, xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize("func", [xpsoftmax.cross_entropy, xpsoftmax.cross_entropy_backward])
+def test_weight_validation(func):
+    x, t = np.zeros((3, 4)), np.array([0, 1, 2])
+    cases = [
+        (np.ones(3), ValueError, r"weight must be 1-D with one entry per class, shape \(4,\)"),
+        (np.ones((1, 4)), ValueError, "weight must be 1-D"),
+        (np.ones(4, dtype=np.int64), TypeError, "weight must have a real floating dtype"),
+        (np.ones(4, dtype=bool), TypeError, "weight must have a real floating dtype"),
+        (torch.ones(4, dtype=torch.float64), TypeError, "same array library"),
+    ]
+    for weight, exc, match in cases:
+        with pytest.raises(exc, match=match):
+            func(x, t, weight=weight)
+
+
+# --------------------------------------------------------------------------------------------
 # where
 
 

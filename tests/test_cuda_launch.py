@@ -392,6 +392,20 @@ def test_cross_entropy_forms_without_a_kernel_use_the_row_kernels(gpu):
     assert all("xent" not in n for n in gpu.names) and gpu.names
 
 
+def test_cross_entropy_with_class_weights_uses_the_row_kernels(gpu):
+    """Class weights take the generic path (no fused xent kernel), values as torch's."""
+    x, t = _xent_inputs(5, 9, np.float32, seed=21)
+    w = _rng(22).uniform(0.1, 2.0, 9).astype(np.float32)
+    got = xps.cross_entropy(to_device(x), to_device(t), weight=to_device(w))
+    want = torch.nn.functional.cross_entropy(
+        torch.tensor(x, dtype=torch.float64),
+        torch.tensor(t, dtype=torch.int64),
+        weight=torch.tensor(w, dtype=torch.float64),
+    )
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+    assert all("xent" not in n for n in gpu.names) and gpu.names
+
+
 # --------------------------------------------------------------------------------------------
 # the torch bridge: CPU tensors viewed through the stand-in's DLPack
 

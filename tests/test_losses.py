@@ -128,6 +128,50 @@ def test_cross_entropy_of_probabilities(xp, reduction, kind, rng):
     _check(xp, loss, p, t, ref, dloss=_dloss(rng, reduction, SHAPE[0]))
 
 
+@pytest.mark.parametrize("kind", ["index", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_nll_and_cross_entropy_class_weights_are_torchs(xp, reduction, kind, rng):
+    # torch's weight=: index targets weighted by weight[t], "mean" over the sum of weight[t] of
+    # the non-ignored targets; probability targets: each class term weighted, "mean" over samples.
+    w = rng.uniform(0.1, 3.0, size=SHAPE[1])
+    W = torch.from_numpy(w)
+    p = _probs(rng)
+    if kind == "index":
+        t = rng.integers(0, SHAPE[1], size=SHAPE[0])
+        t[2] = -100
+        kw = {"ignore_index": -100}
+
+        def ref_nll(lp, t):
+            return F.nll_loss(lp, t, weight=W, reduction=reduction, ignore_index=-100)
+    else:
+        t, kw = _probs(rng), {}
+
+        def ref_nll(lp, t):
+            # torch's cross_entropy(weight=) with soft targets, on log-probabilities directly
+            per_sample = -(W * t * lp).sum(-1)
+            return {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[
+                reduction
+            ]
+
+    dloss = _dloss(rng, reduction, SHAPE[0])
+    _check(xp, NLL(reduction, weight=_arr(xp, w), **kw), np.log(p), t, ref_nll, dloss=dloss)
+
+    def ref_ce(p, t):
+        return ref_nll(torch.log(p), t)
+
+    loss = CrossEntropy(reduction, weight=_arr(xp, w), **kw)
+    _check(xp, loss, p, t, ref_ce, dloss=dloss)
+
+
+def test_loss_weight_validation():
+    p, t = _probs(np.random.default_rng(0)), np.zeros(SHAPE[0], dtype=np.int64)
+    with pytest.raises(ValueError, match="weight must be 1-D"):
+        NLL(weight=np.ones(3)).forward(np.log(p), t)
+    with pytest.raises(TypeError, match="weight must have a real floating dtype"):
+        CrossEntropy(weight=np.ones(SHAPE[1], dtype=np.int32)).forward(p, t)
+    assert "weight=" in repr(NLL(weight=np.ones(SHAPE[1])))
+
+
 def _kl_div(p, t, **kwargs):
     with warnings.catch_warnings():
         # torch 2.x warns that its "mean" (over elements) may change; it is what we match.

@@ -152,6 +152,8 @@ class XentCall:
         The label smoothing.
     dloss : array or float or None
         The upstream gradient of :data:`CROSS_ENTROPY_VJP` (checked), else None.
+    weight : array or None
+        Class weights (1-D, one per class, compute dtype), or None.
     """
 
     op: Op
@@ -170,6 +172,7 @@ class XentCall:
     reduction: str = "mean"
     eps: float = 0.0
     dloss: Array | float | None = None
+    weight: Array | None = None
     empty = False  # the backends handle empty inputs themselves
     out = None  # cross-entropy has no out=
 

@@ -154,23 +154,30 @@ class SquaredError(_Loss):
 
 class _LogLikelihood(_Loss):
     def __init__(
-        self, reduction: str = "mean", *, axis: int = -1, ignore_index: int | None = None
+        self,
+        reduction: str = "mean",
+        *,
+        axis: int = -1,
+        ignore_index: int | None = None,
+        weight: Array | None = None,
     ) -> None:
         super().__init__(reduction)
         self.axis = axis
         self.ignore_index = ignore_index
+        self.weight = weight  # validated against each input in forward()
 
     def __repr__(self) -> str:
+        extra = "" if self.weight is None else ", weight=..."
         return (
             f"{type(self).__name__}(reduction={self.reduction!r}, axis={self.axis!r}, "
-            f"ignore_index={self.ignore_index!r})"
+            f"ignore_index={self.ignore_index!r}{extra})"
         )
 
     _log_input = True  # NLL takes log-probabilities, CrossEntropy probabilities
 
     def forward(self, pred: Array, target: Array, /) -> Array:
         """The negative log-likelihood of ``target`` under (log-)probabilities ``pred``."""
-        p = prepare(pred, "pred", target, self.axis, self.ignore_index, None)
+        p = prepare(pred, "pred", target, self.axis, self.ignore_index, None, weight=self.weight)
         with np.errstate(all="ignore"):
             ly = p.x if self._log_input else _safe_log(p.xp, p.x)
             loss = xent.reduce(p, xent.sample_losses(p, ly, 0.0), self.reduction)
@@ -202,6 +209,11 @@ class NLL(_LogLikelihood):
     ignore_index : int, optional
         Samples with this class index contribute 0 and are left out of the mean. ``None``
         (default) ignores nothing; torch's default is ``-100``. Index targets only.
+    weight : array, optional
+        Class weights as torch's ``weight=``: 1-D, one real floating entry per class, of the
+        inputs' namespace. Each class term is multiplied by its weight, and ``"mean"`` divides
+        by the sum of ``weight[target]`` over the non-ignored samples for index targets (by the
+        number of samples for probability targets).
 
     Notes
     -----
@@ -241,7 +253,7 @@ class CrossEntropy(_LogLikelihood):
 
     Parameters
     ----------
-    reduction, axis, ignore_index
+    reduction, axis, ignore_index, weight
         As in :class:`NLL`.
 
     Notes

@@ -117,6 +117,7 @@ def prepare(
     op: Op = CROSS_ENTROPY,
     reduction: str = "mean",
     eps: float = 0.0,
+    weight: Any = None,
 ) -> XentCall:
     """Validate an input, its targets, the class axis, ``ignore_index`` and ``where``.
 
@@ -184,9 +185,41 @@ def prepare(
         if not _is_lazy(targets):
             _check_indices(xp, targets, valid, m, ax, x.shape[ax], x_name)
     mode = _config.get_kernels()
+    w = _check_weight(xp, x, x_name, weight, x.shape[ax], ctype)
     return XentCall(
-        op, xp, x_in, dtype, ctype, ax, kind, targets, index, ignore, valid, m, mode, reduction, eps
+        op,
+        xp,
+        x_in,
+        dtype,
+        ctype,
+        ax,
+        kind,
+        targets,
+        index,
+        ignore,
+        valid,
+        m,
+        mode,
+        reduction,
+        eps,
+        weight=w,
     )
+
+
+def _check_weight(xp: Any, x: Array, x_name: str, weight: Any, n: int, ctype: Any) -> Any:
+    """Class weights: None, or a 1-D real floating array of ``x``'s namespace, one per class."""
+    if weight is None:
+        return None
+    weight = same_namespace(xp, x, x_name, weight, "weight")
+    if not xp.isdtype(weight.dtype, "real floating"):
+        msg = f"weight must have a real floating dtype, got {weight.dtype}"
+        raise TypeError(msg)
+    if tuple(weight.shape) != (n,):
+        msg = (
+            f"weight must be 1-D with one entry per class, shape ({n},), got {tuple(weight.shape)}"
+        )
+        raise ValueError(msg)
+    return weight if weight.dtype == ctype else xp.astype(weight, ctype)
 
 
 def _range_error(bad: int, n: int, ax: int, x_name: str) -> ValueError:
@@ -268,11 +301,20 @@ def validate_dloss(
 # public functions
 
 
-def _start(op, logits, targets, axis, reduction, label_smoothing, ignore_index, where):
+def _start(op, logits, targets, axis, reduction, label_smoothing, ignore_index, where, weight):
     reduction = check_reduction(reduction)
     eps = _check_smoothing(label_smoothing)
     return prepare(
-        logits, "logits", targets, axis, ignore_index, where, op=op, reduction=reduction, eps=eps
+        logits,
+        "logits",
+        targets,
+        axis,
+        ignore_index,
+        where,
+        op=op,
+        reduction=reduction,
+        eps=eps,
+        weight=weight,
     )
 
 
@@ -280,6 +322,7 @@ def _start(op, logits, targets, axis, reduction, label_smoothing, ignore_index, 
 def cross_entropy(
     logits: Array, targets: Array, /, axis: int = -1, *, reduction: str = "mean",
     label_smoothing: float = 0.0, ignore_index: int | None = None, where: Array | None = None,
+    weight: Array | None = None,
 ) -> Array:
     # fmt: on
     r"""Cross-entropy between ``softmax(logits)`` and targets, computed from the logits.
@@ -323,6 +366,13 @@ def cross_entropy(
         dropped, label smoothing spreads over the unmasked classes only (``n`` is their count),
         and their gradient is exactly 0. An index target on a masked class raises
         ``ValueError``.
+    weight : array, optional
+        Class weights, as torch's ``weight=``: a 1-D real floating array of ``logits``'
+        namespace with one entry per class. Each class term of the loss is multiplied by its
+        weight (``-sum(weight * q * ly)``; for an index target ``t`` without smoothing
+        ``-weight[t] * ly[t]``). ``"mean"`` then divides by the sum of ``weight[t]`` over the
+        non-ignored samples for index targets (also with label smoothing, as torch), by the
+        number of samples for probability targets.
 
     Returns
     -------
@@ -357,7 +407,8 @@ def cross_entropy(
     1.3382
     """
     p = _start(
-        CROSS_ENTROPY, logits, targets, axis, reduction, label_smoothing, ignore_index, where
+        CROSS_ENTROPY, logits, targets, axis, reduction, label_smoothing, ignore_index, where,
+        weight,
     )
     return backends.run(p)
 
@@ -366,7 +417,7 @@ def cross_entropy(
 def cross_entropy_backward(
     logits: Array, targets: Array, /, axis: int = -1, *, reduction: str = "mean",
     label_smoothing: float = 0.0, ignore_index: int | None = None, where: Array | None = None,
-    dloss: Array | float | None = None,
+    weight: Array | None = None, dloss: Array | float | None = None,
 ) -> Array:
     # fmt: on
     r"""Gradient of :func:`cross_entropy` with respect to the logits.
@@ -379,8 +430,8 @@ def cross_entropy_backward(
 
     Parameters
     ----------
-    logits, targets, axis, reduction, label_smoothing, ignore_index, where
-        As in :func:`cross_entropy`.
+    logits, targets, axis, reduction, label_smoothing, ignore_index, where, weight
+        As in :func:`cross_entropy` (``q`` above then includes the class weights).
     dloss : float or array, optional
         The upstream gradient d(total)/d(loss): a scalar for ``"mean"`` and ``"sum"``, a scalar
         or an array of the per-sample loss shape for ``"none"``. ``None`` (default) is 1, the
@@ -401,6 +452,7 @@ def cross_entropy_backward(
     array([[ 0.25, -0.75,  0.25,  0.25]])
     """
     p = _start(
-        CROSS_ENTROPY_VJP, logits, targets, axis, reduction, label_smoothing, ignore_index, where
+        CROSS_ENTROPY_VJP, logits, targets, axis, reduction, label_smoothing, ignore_index, where,
+        weight,
     )
     return backends.run(p.derive(dloss=check_dloss(p, dloss, p.reduction)))

@@ -66,8 +66,13 @@ def kernel_dtype(dtype: Any, mode: str) -> bool:
 
 def xent_takes(call: XentCall) -> bool:
     """Whether the fused cross-entropy kernels cover the call: index targets, the last axis, no
-    mask (the other forms run generically, in every kernel mode)."""
-    return call.kind == "index" and call.axis == call.x_in.ndim - 1 and call.mask is None
+    mask, no class weights (the other forms run generically, in every kernel mode)."""
+    return (
+        call.kind == "index"
+        and call.axis == call.x_in.ndim - 1
+        and call.mask is None
+        and call.weight is None
+    )
 
 
 def takes(call: Call | XentCall) -> bool:

@@ -87,12 +87,27 @@ def _uniform(p: XentCall, eps: float) -> Array | float:
     return eps / xp.maximum(count, xp.ones_like(count))  # a fully masked sample has no classes
 
 
+def _weighted(p: XentCall, a: Array) -> Array:
+    """``a`` times the class weights along the class axis (``a`` itself without weights)."""
+    if p.weight is None:
+        return a
+    shape = tuple(-1 if i == p.axis else 1 for i in range(p.x_in.ndim))
+    return a * p.xp.reshape(p.weight, shape)
+
+
+def _target_weights(p: XentCall) -> Array:
+    """``weight[t]`` of each sample's class index (index targets with weights); 0 if ignored."""
+    xp = p.xp
+    wt = pick(xp, _weighted(p, xp.ones_like(p.x)), p.targets, p.axis)
+    return wt if p.valid is None else xp.where(p.valid, wt, xp.zeros_like(wt))
+
+
 def _soft_targets(p: XentCall, eps: float) -> Array:
     """Probability targets mixed with the uniform distribution, 0 at masked classes."""
     q = p.targets
     if eps:
         q = (1.0 - eps) * q + _uniform(p, eps)
-    return masked(p.xp, q, p.mask)
+    return masked(p.xp, _weighted(p, q), p.mask)
 
 
 def sample_losses(p: XentCall, ly: Array, eps: float) -> Array:
@@ -103,8 +118,10 @@ def sample_losses(p: XentCall, ly: Array, eps: float) -> Array:
     xp = p.xp
     if p.kind == "index":
         loss = -pick(xp, ly, p.targets, p.axis)
+        if p.weight is not None:
+            loss = loss * _target_weights(p)
         if eps:
-            smooth = -xp.sum(masked(xp, ly, p.mask) * _uniform(p, 1.0), axis=p.axis)
+            smooth = -xp.sum(_weighted(p, masked(xp, ly, p.mask)) * _uniform(p, 1.0), axis=p.axis)
             loss = (1.0 - eps) * loss + eps * smooth
         if p.valid is not None:
             loss = xp.where(p.valid, loss, xp.zeros_like(loss))
@@ -115,8 +132,10 @@ def sample_losses(p: XentCall, ly: Array, eps: float) -> Array:
 
 def _n_samples(p: XentCall) -> Array | float:
     """The divisor of reduction "mean": non-ignored samples for index targets (an array), else
-    all samples (a number)."""
+    all samples (a number); with class weights, the sum of the targets' weights (as torch)."""
     xp = p.xp
+    if p.weight is not None and p.kind == "index":
+        return xp.sum(_target_weights(p))
     if p.valid is not None:
         return xp.sum(xp.astype(p.valid, p.ctype))
     return float(math.prod(p.loss_shape))
@@ -171,7 +190,7 @@ def logp_gradient(p: XentCall, w: Array, eps: float) -> Array:
     q = xp.astype(hit, p.ctype)
     if eps:
         q = (1.0 - eps) * q + _uniform(p, eps)
-    return 0.0 - wx * masked(xp, q, p.mask)
+    return 0.0 - wx * masked(xp, _weighted(p, q), p.mask)
 
 
 def _zero_ignored(p: XentCall, g: Array) -> Array:
