@@ -7,6 +7,7 @@ from ._config import get_kernels, kernels, set_kernels
 from .nn import LogSoftmax, Softmax
 from .ops.checks import check_vjp, softmax_jacobian
 from .ops.cross_entropy import cross_entropy, cross_entropy_backward
+from .ops.logsumexp import logsumexp, logsumexp_backward
 from .ops.softmax import (
     log_softmax,
     log_softmax_backward,
@@ -14,6 +15,7 @@ from .ops.softmax import (
     softmax,
     softmax_backward,
     softmax_jvp,
+    softmin,
 )
 
 __version__ = "0.1.0"
@@ -30,10 +32,13 @@ __all__ = [
     "log_softmax",
     "log_softmax_backward",
     "log_softmax_jvp",
+    "logsumexp",
+    "logsumexp_backward",
     "losses",
     "set_kernels",
     "softmax",
     "softmax_backward",
     "softmax_jacobian",
     "softmax_jvp",
+    "softmin",
 ]

@@ -40,8 +40,11 @@ class Op:
     """An operation: its public name, its kind, and whether it is the log-softmax variant.
 
     ``kind`` is ``"forward"`` (one input ``x``), ``"vjp"`` or ``"jvp"`` (the forward output and a
-    cotangent or tangent), ``"jacobian"`` (the forward output), ``"xent"`` or ``"xent_vjp"``
-    (logits and targets, in an :class:`XentCall`).
+    cotangent or tangent), ``"softmin"`` (one input ``x``: the softmax of ``-x``),
+    ``"jacobian"`` (the forward output), ``"lse"`` (one input ``x``, reduced along the axes),
+    ``"lse_vjp"`` (``x``, the logsumexp and its cotangent, both with the reduced axes kept as
+    size 1), ``"xent"`` or ``"xent_vjp"`` (logits and targets, in an :class:`XentCall`).
+    A backend takes only the kinds it names; the generic backend takes them all.
     """
 
     name: str
@@ -55,7 +58,10 @@ SOFTMAX_VJP = Op("softmax_backward", "vjp")
 LOG_SOFTMAX_VJP = Op("log_softmax_backward", "vjp", log=True)
 SOFTMAX_JVP = Op("softmax_jvp", "jvp")
 LOG_SOFTMAX_JVP = Op("log_softmax_jvp", "jvp", log=True)
+SOFTMIN = Op("softmin", "softmin")
 JACOBIAN = Op("softmax_jacobian", "jacobian")
+LOGSUMEXP = Op("logsumexp", "lse")
+LOGSUMEXP_VJP = Op("logsumexp_backward", "lse_vjp")
 CROSS_ENTROPY = Op("cross_entropy", "xent", log=True)
 CROSS_ENTROPY_VJP = Op("cross_entropy_backward", "xent_vjp", log=True)
 
@@ -89,7 +95,15 @@ class Call:
     mode : str
         The kernel mode in effect when the call was made (``xpsoftmax.get_kernels()``).
     empty : bool
-        Whether the inputs have no elements (the result is then an empty array).
+        Whether the inputs have no elements (the result is then an empty array, or for
+        ``logsumexp`` over a size-0 axis ``-inf``).
+    keepdims : bool
+        ``logsumexp``: whether the result keeps the reduced axes as size 1.
+    cast : bool
+        Whether ``arrays`` are still in their input dtype, narrower than ``dtype`` (``dtype=``
+        asked for an exact upcast). Only a backend with ``CASTS = True`` sees such a call
+        (reading the narrow input and writing the wide result in one pass);
+        :func:`xpsoftmax.backends.run` casts the arrays first for the others.
     """
 
     op: Op
@@ -101,6 +115,18 @@ class Call:
     dtype: Any
     mode: str
     empty: bool = False
+    keepdims: bool = False
+    cast: bool = False
+
+    @property
+    def shape(self) -> tuple[Any, ...]:
+        """The result's shape: the input's, or for ``logsumexp`` the reduced one."""
+        shape = tuple(self.x.shape)
+        if self.op.kind != "lse":
+            return shape
+        if self.keepdims:
+            return tuple(1 if i in self.axes else d for i, d in enumerate(shape))
+        return tuple(d for i, d in enumerate(shape) if i not in self.axes)
 
     @property
     def x(self) -> Array:
@@ -372,11 +398,51 @@ def _check_out(xp: Any, out: Any, shape: tuple[Any, ...], dtype: Any, ref: Array
         raise ValueError(msg)
 
 
-def validate(arrays: tuple[tuple[Any, str], ...], axis: Axis, where: Any, out: Any):
-    """Check the arguments: returns (xp, arrays cast to the result dtype, axes, mask, dtype).
+def result_dtype(xp: Any, x: Array, dtype: Any) -> Any:
+    """``dtype=`` checked: a real floating dtype of ``x``'s namespace (NumPy, and the libraries
+    whose dtypes are NumPy's, also take what :class:`numpy.dtype` takes: ``"float32"``)."""
+    if isinstance(x.dtype, np.dtype) and not isinstance(dtype, np.dtype):
+        try:
+            dtype = np.dtype(dtype)
+        except TypeError:
+            pass  # (not a NumPy dtype: the check below says so)
+    if isinstance(dtype, np.dtype) and dtype.name == "bfloat16":
+        return dtype
+    try:
+        ok = xp.isdtype(dtype, "real floating")
+    except Exception:  # (each library raises its own error for a non-dtype)
+        ok = False
+    if not ok:
+        msg = f"dtype must be a real floating dtype of the input's library, got {dtype!r}"
+        raise TypeError(msg)
+    return dtype
+
+
+def _widens(xp: Any, src: Any, dst: Any) -> bool:
+    """Whether casting real floating ``src`` to real floating ``dst`` is an exact upcast."""
+    if src == dst:
+        return False
+    try:
+        return xp.finfo(src).bits < xp.finfo(dst).bits and xp.isdtype(src, "real floating")
+    except Exception:  # (bfloat16 in a namespace that does not know it)
+        return False
+
+
+def validate(
+    arrays: tuple[tuple[Any, str], ...],
+    axis: Axis,
+    where: Any,
+    out: Any,
+    dtype: Any = None,
+    out_shape: Any = None,
+):
+    """Check the arguments: returns (xp, arrays, axes, mask, result dtype, cast).
 
     ``arrays`` pairs each array argument with its name (for the messages); all must come from
-    one library and have one shape.
+    one library and have one shape. The arrays come back in the result dtype, except when
+    ``dtype=`` asks for an exact upcast of inputs of one dtype: then they keep their dtype and
+    ``cast`` is True (see :attr:`Call.cast`). ``out_shape`` (a function of the input's shape)
+    is the result's shape where it differs from the input's.
     """
     (x, x_name), *rest = arrays
     xp, x = namespace(x, x_name)
@@ -391,12 +457,19 @@ def validate(arrays: tuple[tuple[Any, str], ...], axis: Axis, where: Any, out: A
             raise ValueError(msg)
         items.append(b)
     dtypes = [float_dtype(xp, a, n) for a, (_, n) in zip(items, arrays, strict=True)]
-    dtype = dtypes[0] if len(dtypes) == 1 else xp.result_type(*dtypes)
-    items = [a if a.dtype == dtype else xp.astype(a, dtype) for a in items]
+    rtype = dtypes[0] if len(dtypes) == 1 else xp.result_type(*dtypes)
+    cast = False
+    if dtype is not None:
+        rtype = result_dtype(xp, x, dtype)
+        first = items[0].dtype
+        cast = all(a.dtype == first for a in items) and _widens(xp, first, rtype)
+    if not cast:
+        items = [a if a.dtype == rtype else xp.astype(a, rtype) for a in items]
     axes = normalize_axes(axis, x.ndim)
     m = mask(xp, x, where)
-    _check_out(xp, out, tuple(x.shape), dtype, x)
-    return xp, tuple(items), axes, m, dtype
+    shape = tuple(x.shape) if out_shape is None else out_shape(axes)
+    _check_out(xp, out, shape, rtype, x)
+    return xp, tuple(items), axes, m, rtype, cast
 
 
 _np_namespace: list[Any] = []  # array-api-compat's NumPy namespace, found on first use
@@ -429,13 +502,69 @@ def _plain_numpy(op: Op, arrays: tuple[tuple[Any, str], ...], axis: Axis) -> Cal
 
 
 def make_call(
-    op: Op, arrays: tuple[tuple[Any, str], ...], axis: Axis, where: Any, out: Any
+    op: Op,
+    arrays: tuple[tuple[Any, str], ...],
+    axis: Axis,
+    where: Any,
+    out: Any,
+    dtype: Any = None,
 ) -> Call:
     """Validate a softmax-family call once: the :class:`Call` that the backends run."""
-    if where is None and out is None:
+    if where is None and out is None and dtype is None:
         call = _plain_numpy(op, arrays, axis)
         if call is not None:
             return call
-    xp, items, axes, m, dtype = validate(arrays, axis, where, out)
+    xp, items, axes, m, rtype, cast = validate(arrays, axis, where, out, dtype)
     empty = is_empty(tuple(items[0].shape))
-    return Call(op, xp, items, axes, m, out, dtype, _config.get_kernels(), empty)
+    return Call(op, xp, items, axes, m, out, rtype, _config.get_kernels(), empty, cast=cast)
+
+
+def _reduced(shape: tuple[Any, ...], axes: tuple[int, ...], keepdims: bool) -> tuple[Any, ...]:
+    if keepdims:
+        return tuple(1 if i in axes else d for i, d in enumerate(shape))
+    return tuple(d for i, d in enumerate(shape) if i not in axes)
+
+
+def make_lse_call(x: Any, axis: Axis, where: Any, keepdims: Any, out: Any) -> Call:
+    """Validate a ``logsumexp`` call: the :class:`Call` of :data:`LOGSUMEXP`."""
+    if not isinstance(keepdims, (bool, np.bool_)):
+        msg = f"keepdims must be a bool, got {keepdims!r}"
+        raise TypeError(msg)
+    keep = bool(keepdims)
+    shape = tuple(getattr(x, "shape", np.shape(x)))
+    xp, items, axes, m, rtype, _ = validate(
+        ((x, "x"),), axis, where, out, out_shape=lambda axes: _reduced(shape, axes, keep)
+    )
+    empty = is_empty(tuple(items[0].shape))
+    mode = _config.get_kernels()
+    return Call(LOGSUMEXP, xp, items, axes, m, out, rtype, mode, empty, keepdims=keep)
+
+
+def make_lse_vjp_call(x: Any, lse: Any, dl: Any, axis: Axis, where: Any, out: Any) -> Call:
+    """Validate a ``logsumexp_backward`` call: ``lse`` and ``dl`` of the reduced shape (with or
+    without the reduced axes kept), come back with the reduced axes kept as size 1."""
+    xp, x = namespace(x, "x")
+    axes = normalize_axes(axis, x.ndim)
+    shape = tuple(x.shape)
+    kept, dropped = _reduced(shape, axes, True), _reduced(shape, axes, False)
+    pair = []
+    for a, name in ((lse, "lse"), (dl, "dl")):
+        a = same_namespace(xp, x, "x", a, name)
+        a_shape = tuple(a.shape)
+        if _same_shape(a_shape, dropped) and not _same_shape(a_shape, kept):
+            for ax in axes:  # (expand_dims, not reshape: Dask sizes may be unknown)
+                a = xp.expand_dims(a, axis=ax)
+        elif not _same_shape(a_shape, kept):
+            msg = (
+                f"{name} must have the shape of logsumexp(x, axis), {dropped} (or {kept} with "
+                f"keepdims), got {a_shape}"
+            )
+            raise ValueError(msg)
+        pair.append(a)
+    dtypes = [float_dtype(xp, a, n) for a, n in ((x, "x"), (pair[0], "lse"), (pair[1], "dl"))]
+    rtype = xp.result_type(*dtypes)
+    items = tuple(a if a.dtype == rtype else xp.astype(a, rtype) for a in (x, *pair))
+    m = mask(xp, x, where)
+    _check_out(xp, out, shape, rtype, x)
+    empty = is_empty(shape)
+    return Call(LOGSUMEXP_VJP, xp, items, axes, m, out, rtype, _config.get_kernels(), empty)

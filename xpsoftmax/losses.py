@@ -66,7 +66,7 @@ class _Loss:
 
 def _pair(pred: Any, target: Any) -> tuple[Any, Array, Array, Any]:
     """``pred`` and ``target`` validated, of one shape, in the compute dtype; the result dtype."""
-    xp, (pred, target), _, _, dtype = validate(
+    xp, (pred, target), _, _, dtype, _ = validate(
         ((pred, "pred"), (target, "target")), None, None, None
     )
     ctype = compute_dtype(xp, dtype)

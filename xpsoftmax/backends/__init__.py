@@ -6,7 +6,9 @@ Every backend is a module with two functions (the :class:`Backend` protocol):
 * ``takes(call) -> bool``: whether it runs this call (operation, dtype, layout, kernel mode);
   it may raise where the kernel mode is ``"always"`` and a GPU input cannot run on the kernels;
 * ``run(call) -> array``: the result; it may write into ``call.out`` (and return it) or return
-  a new array, which :func:`run` then copies into ``out``.
+  a new array, which :func:`run` then copies into ``out``;
+* optionally ``CASTS = True``: it takes calls whose ``dtype=`` upcast is still to be done
+  (:attr:`~xpsoftmax._call.Call.cast`), fused into its pass; the others get the arrays cast.
 
 The registry, tried in order; each entry first asks a cheap question of the array's type, so a
 backend's module (and its framework: CuPy, torch) is imported only when an array of its kind
@@ -32,13 +34,14 @@ operation is an :class:`~xpsoftmax._call.Op`, a public function in ``ops/`` and 
 from __future__ import annotations
 
 import importlib
+import math
 from types import ModuleType
 from typing import Any, Protocol
 
 import numpy as np
 
 from .. import _compat
-from .._call import Call, XentCall, finish
+from .._call import Call, XentCall, finish, is_empty
 
 __all__ = ["REGISTRY", "Backend", "run", "select"]
 
@@ -83,14 +86,34 @@ def select(call: Call | XentCall) -> tuple[str, Backend]:
     raise AssertionError("the generic backend takes every call")  # pragma: no cover
 
 
+def _empty(call: Call) -> Any:
+    """The result of a call without elements: empty, or ``-inf`` for a ``logsumexp`` whose
+    rows are empty (the log of an empty sum)."""
+    shape = call.shape
+    if call.op.kind == "lse" and not is_empty(shape):
+        r = call.xp.full(shape, -math.inf, dtype=call.dtype, device=_compat.device(call.x))
+        return finish(r, call.out)
+    if call.out is not None:
+        return call.out
+    return call.xp.empty(shape, dtype=call.dtype, device=_compat.device(call.x))
+
+
+def _cast(call: Call) -> Call:
+    """``call`` with its arrays cast to the result dtype (for a backend that does not fuse it)."""
+    xp = call.xp
+    return call.derive(arrays=tuple(xp.astype(a, call.dtype) for a in call.arrays), cast=False)
+
+
 def run(call: Call | XentCall) -> Any:
     """Run ``call`` on its backend; the result is in ``call.out`` when one was given."""
     if call.empty:
-        # Nothing to compute: the result of a row operation has the input's shape.
-        if call.out is not None:
-            return call.out
-        return call.xp.empty(call.x.shape, dtype=call.dtype, device=_compat.device(call.x))
+        return _empty(call)  # type: ignore[arg-type]
     with np.errstate(all="ignore"):
         # (NumPy-backed namespaces, such as array-api-strict, warn on inf - inf and 0 * inf;
         # the special rows are handled, so those warnings would only be noise.)
-        return finish(select(call)[1].run(call), call.out)
+        backend = select(call)[1]
+        if getattr(call, "cast", False) and not getattr(backend, "CASTS", False):
+            # dtype= asked for an upcast that this backend does not fuse: cast first.
+            call = _cast(call)  # type: ignore[arg-type]
+            backend = select(call)[1]
+        return finish(backend.run(call), call.out)

@@ -17,6 +17,10 @@ PIECES = {
     "out": """\
 out : array, optional
         As in :func:`softmax`.""",
+    "dtype": """\
+dtype : dtype, optional
+        The result dtype, as in :func:`softmax`: the inputs are cast to it first (an upcast
+        fused into the pass on the NumPy path).""",
     "examples": """\
 Examples
     --------

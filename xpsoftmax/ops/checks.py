@@ -43,7 +43,7 @@ def softmax_jacobian(y: Array, /, axis: Axis = -1):
     array([[ 0.25, -0.25],
            [-0.25,  0.25]])
     """
-    xp, (y,), axes, _, dtype = validate(((y, "y"),), axis, None, None)
+    xp, (y,), axes, _, dtype, _ = validate(((y, "y"),), axis, None, None)
     rest = [a for a in range(y.ndim) if a not in axes]
     y = xp.permute_dims(y, (*rest, *axes))
     n = math.prod(y.shape[len(rest) :])

@@ -17,6 +17,7 @@ from .._call import (
     SOFTMAX,
     SOFTMAX_JVP,
     SOFTMAX_VJP,
+    SOFTMIN,
     Axis,
     make_call,
 )
@@ -25,6 +26,7 @@ from ._docs import doc, jvp_sections, pair_inputs
 Array = Any
 Mask = Array | None  # a boolean array, broadcastable to the input
 Out = Array | None  # a writeable array of the result's shape and dtype
+DType = Any | None  # a real floating dtype of the input's library
 
 __all__ = [
     "log_softmax",
@@ -33,11 +35,14 @@ __all__ = [
     "softmax",
     "softmax_backward",
     "softmax_jvp",
+    "softmin",
 ]
 
 
 @doc()
-def softmax(x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None):
+def softmax(
+    x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None, dtype: DType = None
+):
     r"""Softmax along ``axis``: ``exp(x - max) / sum(exp(x - max))``.
 
     Parameters
@@ -58,12 +63,18 @@ def softmax(x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None
     out : array, optional
         A writeable array (NumPy, CuPy, torch, array-api-strict) of ``x``'s shape and the result
         dtype to write into; it is returned. JAX and Dask arrays raise ``TypeError``.
+    dtype : dtype, optional
+        The result dtype, as torch's ``dtype=``: the input is cast to it before the operation
+        (so ``dtype=float32`` on float16 input computes from the float16 values and returns
+        float32). A real floating dtype of the input's library (NumPy also takes the names,
+        ``"float32"``). An upcast is fused where a backend can: the NumPy path reads the
+        narrow input and writes the wide result in one pass, with no full-size cast.
 
     Returns
     -------
     array
-        Same namespace, device and shape as ``x``; float16 is accumulated in float32 and
-        returned as float16.
+        Same namespace, device and shape as ``x``; the dtype of ``x`` (or ``dtype``); float16
+        is accumulated in float32 and returned as float16.
 
     Notes
     -----
@@ -76,11 +87,13 @@ def softmax(x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None
     >>> xpsoftmax.softmax(np.array([0.0, np.log(3.0)]))
     array([0.25, 0.75])
     """
-    return backends.run(make_call(SOFTMAX, ((x, "x"),), axis, where, out))
+    return backends.run(make_call(SOFTMAX, ((x, "x"),), axis, where, out, dtype))
 
 
 @doc()
-def log_softmax(x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None):
+def log_softmax(
+    x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None, dtype: DType = None
+):
     r"""Log-softmax along ``axis``: ``x - max - log(sum(exp(x - max)))``.
 
     Computed directly, not as ``log(softmax(x))``, so it stays finite where softmax underflows.
@@ -95,6 +108,7 @@ def log_softmax(x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = 
         Broadcastable to ``x``; masked entries come out as ``-inf`` and a fully masked row is all
         ``-inf``, never NaN.
     $out
+    $dtype
 
     Returns
     -------
@@ -107,12 +121,57 @@ def log_softmax(x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = 
     >>> xpsoftmax.log_softmax(np.array([0.0, 0.0]))
     array([-0.69314718, -0.69314718])
     """
-    return backends.run(make_call(LOG_SOFTMAX, ((x, "x"),), axis, where, out))
+    return backends.run(make_call(LOG_SOFTMAX, ((x, "x"),), axis, where, out, dtype))
+
+
+@doc()
+def softmin(
+    x: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None, dtype: DType = None
+):
+    r"""Softmin along ``axis``: ``softmax(-x)``, as :func:`torch.nn.functional.softmin`.
+
+    The NumPy path negates each block as it reads it; no negated copy of ``x`` is made.
+
+    Parameters
+    ----------
+    x : array
+        See :func:`softmax`.
+    axis : int or tuple of ints or None, optional
+        As in :func:`softmax`.
+    where : array of bool, optional
+        As in :func:`softmax`: masked entries are exactly 0, a fully masked row all 0.
+    $out
+    $dtype
+
+    Returns
+    -------
+    array
+        ``softmax(-x, axis)``, with the dtype rules of :func:`softmax`. ``-inf`` entries take
+        the mass (split evenly between them); ``+inf`` entries give 0.
+
+    Notes
+    -----
+    Its vector-Jacobian product from the output ``y = softmin(x)`` is
+    ``-softmax_backward(y, dy)`` (the chain rule through ``-x``), its JVP
+    ``-softmax_jvp(y, dx)``.
+
+    $examples
+    >>> xpsoftmax.softmin(np.array([0.0, np.log(3.0)]))
+    array([0.75, 0.25])
+    """
+    return backends.run(make_call(SOFTMIN, ((x, "x"),), axis, where, out, dtype))
 
 
 @doc(inputs=pair_inputs("y", "softmax", "dy", "The upstream gradient"))
 def softmax_backward(
-    y: Array, dy: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None
+    y: Array,
+    dy: Array,
+    /,
+    axis: Axis = -1,
+    *,
+    where: Mask = None,
+    out: Out = None,
+    dtype: DType = None,
 ):
     r"""Vector-Jacobian product of softmax, from its output: ``dx = y * (dy - sum(y * dy))``.
 
@@ -126,11 +185,13 @@ def softmax_backward(
         The forward pass's mask; masked entries get exactly 0 gradient and are left out of the
         sum, so a fully masked row gives 0 (finite even where ``dy`` is not).
     $out
+    $dtype
 
     Returns
     -------
     array
-        ``dx`` in the namespace, device and shape of ``y``, dtype ``result_type(y, dy)``.
+        ``dx`` in the namespace, device and shape of ``y``, dtype ``result_type(y, dy)`` (or
+        ``dtype``).
 
     Raises
     ------
@@ -145,12 +206,20 @@ def softmax_backward(
     >>> bool(abs(dx.sum()) < 1e-15)
     True
     """
-    return backends.run(make_call(SOFTMAX_VJP, ((y, "y"), (dy, "dy")), axis, where, out))
+    call = make_call(SOFTMAX_VJP, ((y, "y"), (dy, "dy")), axis, where, out, dtype)
+    return backends.run(call)
 
 
 @doc(inputs=pair_inputs("ly", "log_softmax", "dy", "The upstream gradient"))
 def log_softmax_backward(
-    ly: Array, dy: Array, /, axis: Axis = -1, *, where: Mask = None, out: Out = None
+    ly: Array,
+    dy: Array,
+    /,
+    axis: Axis = -1,
+    *,
+    where: Mask = None,
+    out: Out = None,
+    dtype: DType = None,
 ):
     r"""Vector-Jacobian product of log-softmax, from its output: ``dx = dy - exp(ly) * sum(dy)``.
 
@@ -160,6 +229,7 @@ def log_softmax_backward(
     where : array of bool, optional
         The forward pass's mask; masked entries get exactly 0 gradient and are left out of the sum.
     $out
+    $dtype
 
     Returns
     -------
@@ -171,7 +241,8 @@ def log_softmax_backward(
     >>> xpsoftmax.log_softmax_backward(ly, np.array([1.0, 0.0]))
     array([ 0.5, -0.5])
     """
-    return backends.run(make_call(LOG_SOFTMAX_VJP, ((ly, "ly"), (dy, "dy")), axis, where, out))
+    call = make_call(LOG_SOFTMAX_VJP, ((ly, "ly"), (dy, "dy")), axis, where, out, dtype)
+    return backends.run(call)
 
 
 @doc(sections=jvp_sections("y", "softmax"))

@@ -29,6 +29,12 @@ def run(call: Call | XentCall) -> Any:
         return softmax.backward(xp, *call.arrays, call.axes, call.mask, call.op.log)
     if kind == "jvp":
         return softmax.jvp(xp, *call.arrays, call.axes, call.mask, call.op.log)
+    if kind == "softmin":
+        return softmax.forward(xp, -call.x, call.axes, call.mask, log=False)
+    if kind == "lse":
+        return softmax.logsumexp(xp, call.x, call.axes, call.mask, call.keepdims)
+    if kind == "lse_vjp":
+        return softmax.logsumexp_backward(xp, *call.arrays, call.axes, call.mask)
     if kind == "jacobian":
         return softmax.jacobian(xp, call.x)
     if kind == "xent":

@@ -111,6 +111,46 @@ def jvp(xp: Any, y: Array, t: Array, axes: tuple[int, ...], mask: Array | None, 
     return _downcast(xp, masked(xp, t - dot, mask), dtype)
 
 
+def logsumexp(
+    xp: Any, x: Array, axes: tuple[int, ...], mask: Array | None, keepdims: bool
+) -> Array:
+    """``log(sum(exp(x)))`` along ``axes`` (masked entries left out), from the row maximum.
+
+    A row whose maximum is not finite is shifted by 0 instead, so the limits fall out of the
+    arithmetic: a ``+inf`` entry gives ``+inf``, a row of ``-inf`` (or fully masked) gives
+    ``log(0) = -inf``, a NaN gives NaN.
+    """
+    dtype = x.dtype
+    x = _upcast(xp, x)
+    if mask is not None:
+        x = xp.where(mask, x, xp.asarray(-math.inf, dtype=x.dtype))
+    m = xp.max(x, axis=axes, keepdims=True)
+    shift = xp.where(xp.isfinite(m), m, xp.zeros_like(m))
+    r = xp.log(xp.sum(xp.exp(x - shift), axis=axes, keepdims=True)) + shift
+    if not keepdims:
+        r = xp.reshape(r, tuple(d for i, d in enumerate(x.shape) if i not in axes))
+    return _downcast(xp, r, dtype)
+
+
+def logsumexp_backward(
+    xp: Any, x: Array, lse: Array, dl: Array, axes: tuple[int, ...], mask: Array | None
+) -> Array:
+    """``exp(x - lse) * dl``, ``lse`` and ``dl`` with the reduced axes kept as size 1.
+
+    A row whose logsumexp is ``+inf`` gets the limit of the gradient (the limit of softmax): the
+    cotangent split evenly over its ``+inf`` entries, 0 elsewhere. Masked entries are exactly 0.
+    """
+    dtype = x.dtype
+    x, lse, dl = _upcast(xp, x), _upcast(xp, lse), _upcast(xp, dl)
+    is_inf = x == math.inf
+    if mask is not None:
+        is_inf = is_inf & mask
+    k = xp.sum(xp.astype(is_inf, x.dtype), axis=axes, keepdims=True)
+    limit = xp.where(is_inf, 1.0 / xp.where(k == 0, xp.ones_like(k), k), xp.zeros_like(x))
+    p = xp.where(lse == math.inf, limit, xp.exp(x - lse))
+    return _downcast(xp, masked(xp, p * dl, mask), dtype)
+
+
 def jacobian(xp: Any, y: Array) -> Array:
     """``diag(y) - y y^T`` over the last axis of ``y``: shape ``y.shape + (n,)``."""
     dtype = y.dtype

@@ -15,6 +15,8 @@ from __future__ import annotations
 from types import ModuleType
 from typing import Any
 
+import numpy as np
+
 from ... import _config
 from ..._call import ROW_KINDS, Call, XentCall
 from . import blocked
@@ -66,9 +68,18 @@ def active_path() -> tuple[str, str]:
 _XENT_KINDS = frozenset(("xent", "xent_vjp"))
 
 
+#: It takes ``dtype=`` upcasts (:attr:`~xpsoftmax._call.Call.cast`) on the compiled path: each
+#: block is converted in scratch as float16 is, and the result written in the wide dtype.
+CASTS = True
+
+# The kinds only the compiled path runs (the blocked path leaves them to the generic backend).
+_COMPILED_KINDS = frozenset(("softmin", "lse", "lse_vjp"))
+
+
 def takes(call: Call | XentCall) -> bool:
     """Row operations on arrays that ``blocked.takes`` accepts (float16/32/64 ndarrays...);
-    on the compiled path also the cross-entropy calls that ``xent.takes`` accepts."""
+    on the compiled path also softmin, logsumexp and its backward, ``dtype=`` upcasts, and the
+    cross-entropy calls that ``xent.takes`` accepts."""
     kind = call.op.kind
     if kind in _XENT_KINDS:
         if not _config.numpy_fast() or _implementation() is blocked:
@@ -76,6 +87,15 @@ def takes(call: Call | XentCall) -> bool:
         from . import xent
 
         return xent.takes(call)  # type: ignore[arg-type]
+    if kind in _COMPILED_KINDS or call.cast:  # type: ignore[union-attr]
+        if _implementation() is blocked:
+            return False
+        if kind == "lse_vjp":
+            x = call.x
+            return blocked.takes((x,), call.axes, call.out) and all(
+                type(a) is np.ndarray and a.dtype == x.dtype for a in call.arrays[1:]
+            )
+        return blocked.takes(call.arrays, call.axes, call.out)
     return kind in ROW_KINDS and blocked.takes(call.arrays, call.axes, call.out)
 
 
@@ -113,12 +133,31 @@ def _numba_errors() -> type[Exception]:
     return NumbaError
 
 
+def _compiled_run(call: Call) -> Any:
+    """softmin, logsumexp, its backward and ``dtype=`` upcasts: the compiled path only."""
+    kind, log = call.op.kind, call.op.log
+    impl = _implementation()
+    dtype = call.dtype if call.cast else None
+    if kind == "lse":
+        r = impl.logsumexp(call.x, call.axes, call.mask)
+        return np.reshape(r, call.shape) if call.keepdims else r
+    if kind == "lse_vjp":
+        return impl.logsumexp_backward(*call.arrays, call.axes, call.mask, call.out)
+    if kind in ("forward", "softmin"):
+        neg = kind == "softmin"
+        return impl.forward(call.x, call.axes, call.mask, log, call.out, dtype, neg)
+    product_kind = "softmax" if not log else "log_vjp" if kind == "vjp" else "log_jvp"
+    return impl.product(*call.arrays, call.axes, call.mask, product_kind, call.out, dtype)
+
+
 def run(call: Call | XentCall) -> Any:
     kind, log = call.op.kind, call.op.log
     if kind in _XENT_KINDS:
         from . import xent
 
         return xent.run(call)  # type: ignore[arg-type]
+    if kind in _COMPILED_KINDS or call.cast:  # type: ignore[union-attr]
+        return _compiled_run(call)  # type: ignore[arg-type]
     if kind == "forward":
         return forward(call.x, call.axes, call.mask, log, call.out)
     product_kind = "softmax" if not log else "log_vjp" if kind == "vjp" else "log_jvp"

@@ -386,14 +386,22 @@ class _Call:
         return self.result
 
 
-def _setup(arrays: tuple[Array, ...], axes: tuple[int, ...], mask: Array | None, out: Array | None):
-    """A :class:`_Call` for arguments that :func:`takes` accepts."""
+def _setup(
+    arrays: tuple[Array, ...],
+    axes: tuple[int, ...],
+    mask: Array | None,
+    out: Array | None,
+    dtype: np.dtype | None = None,
+):
+    """A :class:`_Call` for arguments that :func:`takes` accepts; ``dtype`` is the result's
+    when it is wider than the inputs' (``dtype=``: computed in its compute dtype)."""
     x = arrays[0]
-    ct = np_compute_dtype(x.dtype)
+    dtype = x.dtype if dtype is None else dtype
+    ct = np_compute_dtype(dtype)
     plan = _plan(tuple(x.shape), tuple(axes), ct.itemsize)
     views, copied = zip(*(_view_or_copy(a, plan) for a in arrays), strict=True)
     mview = None if mask is None else _view_or_copy(mask, plan)[0]
-    result = np.empty(x.shape, dtype=x.dtype) if out is None else out
+    result = np.empty(x.shape, dtype=dtype) if out is None else out
     aliases = [False] * len(arrays)
     ov = _view(result, plan)
     if out is not None and ov is not None:
@@ -409,7 +417,7 @@ def _setup(arrays: tuple[Array, ...], axes: tuple[int, ...], mask: Array | None,
             ov = None
     temp = None
     if ov is None:
-        temp = ov = np.empty(plan.shape, dtype=x.dtype)
+        temp = ov = np.empty(plan.shape, dtype=dtype)
         aliases = [False] * len(arrays)
     threads = _config.num_threads() if x.nbytes * len(arrays) >= _SMALL_BYTES else 1
     return _Call(plan, list(views), mview, ov, result, temp, aliases, ct, threads)

@@ -28,11 +28,13 @@ from typing import Any
 
 import numpy as np
 
+from ... import _config
+from ..._dtypes import np_compute_dtype
 from . import blocked, kernels
 
 Array = Any
 
-__all__ = ["forward", "product"]
+__all__ = ["forward", "logsumexp", "logsumexp_backward", "product"]
 
 _KINDS = {"softmax": 0, "log_vjp": 1, "log_jvp": 2}
 # The narrowest inner tile of a middle-axis task. Each row of a tile is one vectorized inner loop
@@ -126,25 +128,43 @@ def _ro_flat(a: Array) -> Array:
     return v
 
 
+def _load(w: Array, src: Array, neg: bool) -> None:
+    """Fill the scratch ``w`` from the block ``src``: converted to ``w``'s dtype, negated for
+    softmin."""
+    if neg:
+        np.negative(src, out=w)
+    else:
+        np.copyto(w, src)
+
+
 def forward(
-    x: Array, axes: tuple[int, ...], mask: Array | None, log: bool, out: Array | None
+    x: Array,
+    axes: tuple[int, ...],
+    mask: Array | None,
+    log: bool,
+    out: Array | None,
+    dtype: np.dtype | None = None,
+    neg: bool = False,
 ) -> Array:
-    """softmax (``log=False``) or log-softmax of ``x`` along ``axes`` (see ``blocked.forward``)."""
-    if _direct(x, axes, mask, out):
+    """softmax (``log=False``) or log-softmax of ``x`` along ``axes`` (see ``blocked.forward``);
+    of ``-x`` with ``neg`` (softmin), into the wider ``dtype`` when given (``dtype=``)."""
+    if not neg and (dtype is None or dtype == x.dtype) and _direct(x, axes, mask, out):
         n = x.shape[-1]
         r = np.empty(x.shape, dtype=x.dtype)
         kernels.forward_rows(
             _ro_flat(x), n, _NO_MASK, 0, False, r.reshape(-1), n, 0, x.size // n, n, log
         )
         return r
-    c = blocked._setup((x,), axes, mask, out)
+    c = blocked._setup((x,), axes, mask, out, dtype)
     _prepare(c)
     (xv,), ov = c.inputs, c.out
     ct, half = c.ct, xv.dtype != c.ct
+    staged = half or neg  # the kernels read a converted (or negated) copy of each block
+    direct_out = ov.dtype == ct  # the kernels write the result itself
     mk, ms, masked = _mask(c.mask)
     plan = _tasks(xv.shape, blocked._block_elems(ct.itemsize))
     ff, fs = _flat(ov, True)  # type: ignore[misc]
-    if not half:
+    if not staged:
         xf, xs = _input(xv)
     if xv.ndim == 2:
         n = xv.shape[1]
@@ -154,19 +174,23 @@ def forward(
         def task(t: int) -> None:
             r0 = t * plan.rows
             r1 = min(r0 + plan.rows, xv.shape[0])
-            if not (half or alias):
+            if not (staged or alias):
                 kernels.forward_rows(xf, xs[0], mk, ms[0], masked, ff, fs[0], r0, r1, n, log)
                 return
-            # float16, or out= the input itself: the rows are written to scratch first, then
-            # copied (the kernels' loops do not vectorize where input and output overlap).
-            if half:
+            # float16, softmin, or out= the input itself: the rows go through scratch (the
+            # kernels' loops do not vectorize where input and output overlap).
+            if staged:
                 w = blocked._scratch.get(0, ct, (r1 - r0, n))
-                np.copyto(w, xv[r0:r1])
+                _load(w, xv[r0:r1], neg)
                 src, sx = _ro_flat(w), n
             else:
                 src, sx = xf[r0 * xs[0] :], xs[0]
-            wo = blocked._scratch.get(1, ct, (r1 - r0, n))
             m0 = mk[r0 * ms[0] :] if masked else mk
+            if direct_out and not alias:
+                of = ff[r0 * fs[0] :]
+                kernels.forward_rows(src, sx, m0, ms[0], masked, of, fs[0], 0, r1 - r0, n, log)
+                return
+            wo = blocked._scratch.get(1, ct, (r1 - r0, n))
             kernels.forward_rows(src, sx, m0, ms[0], masked, wo.reshape(-1), n, 0, r1 - r0, n, log)
             np.copyto(ov[r0:r1], wo)
 
@@ -177,15 +201,19 @@ def forward(
             ob, kb = divmod(t, plan.tiles)
             o0, k0 = ob * plan.rows, kb * plan.tile
             o1, k1 = min(o0 + plan.rows, outer), min(k0 + plan.tile, inner)
-            if not half:
+            if not staged:
                 kernels.forward_cols(xf, *xs, mk, *ms, masked, ff, *fs, o0, o1, k0, k1, n, log)
                 return
             w = blocked._scratch.get(0, ct, (o1 - o0, n, k1 - k0))
-            wo = blocked._scratch.get(1, ct, w.shape)
-            np.copyto(w, xv[o0:o1, :, k0:k1])
+            _load(w, xv[o0:o1, :, k0:k1], neg)
             wf, bk = _ro_flat(w), k1 - k0
             m0 = mk[o0 * ms[0] + k0 :] if masked else mk
             st = (n * bk, bk)
+            if direct_out:
+                of = ff[o0 * fs[0] + k0 :]
+                kernels.forward_cols(wf, *st, m0, *ms, masked, of, *fs, 0, o1 - o0, 0, bk, n, log)
+                return
+            wo = blocked._scratch.get(1, ct, w.shape)
             kernels.forward_cols(
                 wf, *st, m0, *ms, masked, wo.reshape(-1), *st, 0, o1 - o0, 0, bk, n, log
             )
@@ -196,10 +224,18 @@ def forward(
 
 
 def product(
-    y: Array, g: Array, axes: tuple[int, ...], mask: Array | None, kind: str, out: Array | None
+    y: Array,
+    g: Array,
+    axes: tuple[int, ...],
+    mask: Array | None,
+    kind: str,
+    out: Array | None,
+    dtype: np.dtype | None = None,
 ) -> Array:
-    """The VJP/JVP product ``kind`` (see ``blocked.product``)."""
-    if _direct(y, axes, mask, out) and g.flags.c_contiguous:
+    """The VJP/JVP product ``kind`` (see ``blocked.product``), into the wider ``dtype`` when
+    given (``dtype=``)."""
+    same = dtype is None or dtype == y.dtype
+    if same and _direct(y, axes, mask, out) and g.flags.c_contiguous:
         n = y.shape[-1]
         r = np.empty(y.shape, dtype=y.dtype)
         kernels.product_rows(
@@ -218,10 +254,11 @@ def product(
             _KINDS[kind],
         )
         return r
-    c = blocked._setup((y, g), axes, mask, out)
+    c = blocked._setup((y, g), axes, mask, out, dtype)
     _prepare(c)
     (yv, gv), ov = c.inputs, c.out
     ct, half = c.ct, yv.dtype != c.ct
+    direct_out = ov.dtype == ct
     k = _KINDS[kind]
     mk, ms, masked = _mask(c.mask)
     plan = _tasks(yv.shape, blocked._block_elems(ct.itemsize))
@@ -249,8 +286,12 @@ def product(
                 fy, sy, fg, sg = _ro_flat(wy), n, _ro_flat(wg), n
             else:
                 fy, sy, fg, sg = yf[r0 * ys[0] :], ys[0], gf[r0 * gs[0] :], gs[0]
-            wo = blocked._scratch.get(2, ct, (r1 - r0, n))
             m0 = mk[r0 * ms[0] :] if masked else mk
+            if direct_out and not alias:
+                of = ff[r0 * fs[0] :]
+                kernels.product_rows(fy, sy, fg, sg, m0, ms[0], masked, of, fs[0], 0, r1 - r0, n, k)
+                return
+            wo = blocked._scratch.get(2, ct, (r1 - r0, n))
             kernels.product_rows(
                 fy, sy, fg, sg, m0, ms[0], masked, wo.reshape(-1), n, 0, r1 - r0, n, k
             )
@@ -271,14 +312,178 @@ def product(
             bk = k1 - k0
             wy = blocked._scratch.get(0, ct, (o1 - o0, n, bk))
             wg = blocked._scratch.get(1, ct, wy.shape)
-            wo = blocked._scratch.get(2, ct, wy.shape)
             np.copyto(wy, yv[o0:o1, :, k0:k1])
             np.copyto(wg, gv[o0:o1, :, k0:k1])
             fy, fg = _ro_flat(wy), _ro_flat(wg)
             m0 = mk[o0 * ms[0] + k0 :] if masked else mk
             st = (n * bk, bk)
+            if direct_out:
+                of = ff[o0 * fs[0] + k0 :]
+                kernels.product_cols(
+                    fy, *st, fg, *st, m0, *ms, masked, of, *fs, 0, o1 - o0, 0, bk, n, k
+                )
+                return
+            wo = blocked._scratch.get(2, ct, wy.shape)
             kernels.product_cols(
                 fy, *st, fg, *st, m0, *ms, masked, wo.reshape(-1), *st, 0, o1 - o0, 0, bk, n, k
+            )
+            np.copyto(ov[o0:o1, :, k0:k1], wo)
+
+    blocked.run_tasks(plan.count, c.threads, task)
+    return c.finish()
+
+
+# --------------------------------------------------------------------------------------------
+# logsumexp
+
+
+def _stats_layout(x: Array, axes: tuple[int, ...], mask: Array | None):
+    """The plan's view of ``x`` (and of ``mask``), the compute dtype and the task geometry."""
+    ct = np_compute_dtype(x.dtype)
+    plan = blocked._plan(tuple(x.shape), tuple(axes), ct.itemsize)
+    xv = blocked._view_or_copy(x, plan)[0]
+    mv = None if mask is None else blocked._view_or_copy(mask, plan)[0]
+    tasks = _tasks(xv.shape, blocked._block_elems(ct.itemsize))
+    threads = _config.num_threads() if x.nbytes >= blocked._SMALL_BYTES else 1
+    return xv, mv, ct, tasks, threads
+
+
+def logsumexp(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
+    """The logsumexp of ``x`` along ``axes`` (normalized, non-empty), ``mask`` broadcast to
+    ``x``'s shape or None: an array of the kept axes' shape (in order), ``x``'s dtype."""
+    xv, mv, ct, plan, threads = _stats_layout(x, axes, mask)
+    half = xv.dtype != ct
+    mk, ms, masked = _mask(mv)
+    kept = tuple(d for i, d in enumerate(x.shape) if i not in axes)
+    if not half:
+        xf, xs = _input(xv)
+    if xv.ndim == 2:
+        rows, n = xv.shape
+        r = np.empty(rows, dtype=ct)
+
+        def task(t: int) -> None:
+            r0 = t * plan.rows
+            r1 = min(r0 + plan.rows, rows)
+            if not half:
+                kernels.lse_rows(xf, xs[0], mk, ms[0], masked, r, r0, r1, n)
+                return
+            w = blocked._scratch.get(0, ct, (r1 - r0, n))
+            np.copyto(w, xv[r0:r1])
+            m0 = mk[r0 * ms[0] :] if masked else mk
+            kernels.lse_rows(_ro_flat(w), n, m0, ms[0], masked, r[r0:r1], 0, r1 - r0, n)
+
+    else:
+        outer, n, inner = xv.shape
+        r = np.empty((outer, inner), dtype=ct)
+        rf = r.reshape(-1)
+
+        def task(t: int) -> None:
+            ob, kb = divmod(t, plan.tiles)
+            o0, k0 = ob * plan.rows, kb * plan.tile
+            o1, k1 = min(o0 + plan.rows, outer), min(k0 + plan.tile, inner)
+            if not half:
+                kernels.lse_cols(xf, *xs, mk, *ms, masked, rf, inner, o0, o1, k0, k1, n)
+                return
+            bk = k1 - k0
+            w = blocked._scratch.get(0, ct, (o1 - o0, n, bk))
+            np.copyto(w, xv[o0:o1, :, k0:k1])
+            m0 = mk[o0 * ms[0] + k0 :] if masked else mk
+            of = rf[o0 * inner + k0 :]
+            wf, st = _ro_flat(w), (n * bk, bk)
+            kernels.lse_cols(wf, *st, m0, *ms, masked, of, inner, 0, o1 - o0, 0, bk, n)
+
+    blocked.run_tasks(plan.count, threads, task)
+    return r.reshape(kept).astype(x.dtype, copy=False)
+
+
+def logsumexp_backward(
+    x: Array,
+    lse: Array,
+    dl: Array,
+    axes: tuple[int, ...],
+    mask: Array | None,
+    out: Array | None,
+) -> Array:
+    """``exp(x - lse) * dl`` (``lse`` and ``dl`` with the reduced axes kept as size 1, ``x``'s
+    dtype), the limit for +inf rows, masked entries 0; into ``out`` when given."""
+    c = blocked._setup((x,), axes, mask, out)
+    _prepare(c)
+    (xv,), ov = c.inputs, c.out
+    ct, half = c.ct, xv.dtype != c.ct
+    staged = half or c.aliases[0]
+    mk, ms, masked = _mask(c.mask)
+    plan = _tasks(xv.shape, blocked._block_elems(ct.itemsize))
+    ff, fs = _flat(ov, True)  # type: ignore[misc]
+    stats = xv.shape[:1] + xv.shape[2:]  # (rows,) or (outer, inner)
+    # (copies in the compute dtype: one value per row, and never the memory of out)
+    lv = np.array(np.squeeze(lse, axis=axes), dtype=ct).reshape(stats)
+    dv = np.array(np.broadcast_to(np.squeeze(dl, axis=axes), lv.shape), dtype=ct).reshape(stats)
+    if not staged:
+        xf, xs = _input(xv)
+    if xv.ndim == 2:
+        rows, n = xv.shape
+
+        def task(t: int) -> None:
+            r0 = t * plan.rows
+            r1 = min(r0 + plan.rows, rows)
+            if not staged:
+                kernels.lse_grad_rows(xf, xs[0], mk, ms[0], masked, lv, dv, ff, fs[0], r0, r1, n)
+                return
+            w = blocked._scratch.get(0, ct, (r1 - r0, n))
+            wo = blocked._scratch.get(1, ct, (r1 - r0, n))
+            np.copyto(w, xv[r0:r1])
+            m0 = mk[r0 * ms[0] :] if masked else mk
+            kernels.lse_grad_rows(
+                _ro_flat(w),
+                n,
+                m0,
+                ms[0],
+                masked,
+                lv[r0:r1],
+                dv[r0:r1],
+                wo.reshape(-1),
+                n,
+                0,
+                r1 - r0,
+                n,
+            )
+            np.copyto(ov[r0:r1], wo)
+
+    else:
+        outer, n, inner = xv.shape
+        lf, df = lv.reshape(-1), dv.reshape(-1)
+
+        def task(t: int) -> None:
+            ob, kb = divmod(t, plan.tiles)
+            o0, k0 = ob * plan.rows, kb * plan.tile
+            o1, k1 = min(o0 + plan.rows, outer), min(k0 + plan.tile, inner)
+            if not staged:
+                kernels.lse_grad_cols(
+                    xf, *xs, mk, *ms, masked, lf, df, inner, ff, *fs, o0, o1, k0, k1, n
+                )
+                return
+            bk = k1 - k0
+            w = blocked._scratch.get(0, ct, (o1 - o0, n, bk))
+            wo = blocked._scratch.get(1, ct, w.shape)
+            np.copyto(w, xv[o0:o1, :, k0:k1])
+            m0 = mk[o0 * ms[0] + k0 :] if masked else mk
+            st = (n * bk, bk)
+            kernels.lse_grad_cols(
+                _ro_flat(w),
+                *st,
+                m0,
+                *ms,
+                masked,
+                lf[o0 * inner + k0 :],
+                df[o0 * inner + k0 :],
+                inner,
+                wo.reshape(-1),
+                *st,
+                0,
+                o1 - o0,
+                0,
+                bk,
+                n,
             )
             np.copyto(ov[o0:o1, :, k0:k1], wo)
 

@@ -514,6 +514,133 @@ def product_cols(
 
 
 # --------------------------------------------------------------------------------------------
+# logsumexp: the forward pass's row statistics, written as one value per row; and its VJP,
+# ``exp(x - lse) * dl`` in one pass (a row whose lse is +inf takes the limit: dl split over
+# its +inf entries)
+
+
+@numba.njit(inline="always", **_JIT)
+def _lse(m, total):
+    """The logsumexp of a row with maximum ``m`` and sum ``total`` of ``exp(x - m)``: the
+    limits for a maximum that is not finite (+inf, -inf for an empty or all -inf row, NaN)."""
+    if m == np.inf or m == -np.inf or m != m:
+        return m
+    return _like(m, np.float64(m) + np.log(total))
+
+
+@numba.njit(fastmath=_FLAGS, **_JIT)
+def lse_rows(x, sx, mk, sm, masked, out, r0, r1, n):
+    """``out[i]`` = logsumexp of row ``i`` for ``r0 <= i < r1`` (see :func:`forward_rows`)."""
+    neg = _like(x[0], -np.inf)
+    zero = _like(x[0], 0.0)
+    for i in range(r0, r1):
+        xr = x[i * sx : i * sx + n]
+        mr = mk[i * sm : i * sm + n] if masked else mk
+        m = neg
+        if masked:
+            for j in range(n):
+                m = fmaximum(m, xr[j] if mr[j] else neg)
+        else:
+            for j in range(n):
+                m = fmaximum(m, xr[j])
+        shift = m if -np.inf < m < np.inf else zero
+        total = 0.0
+        for j0 in range(0, n, _CHUNK):
+            j1 = min(j0 + _CHUNK, n)
+            xc = xr[j0:j1]
+            mc = mr[j0:j1] if masked else mr
+            c = zero
+            for j in range(j1 - j0):
+                v = xc[j] if not masked or mc[j] else neg
+                c += _exp(v - shift)
+            total += c
+        out[i] = _lse(m, total)
+
+
+@numba.njit(fastmath=_FLAGS, **_JIT)
+def lse_cols(x, sx0, sx1, mk, sm0, sm1, masked, out, so, o0, o1, k0, k1, n):
+    """``out[o * so + k]`` = logsumexp along ``j`` of a tile of a 3-D view (see
+    :func:`forward_cols`)."""
+    bk = k1 - k0
+    neg = _like(x[0], -np.inf)
+    zero = _like(x[0], 0.0)
+    m = np.empty(bk, dtype=x.dtype)
+    shift = np.empty(bk, dtype=x.dtype)
+    s = np.empty(bk, dtype=np.float64)
+    for o in range(o0, o1):
+        m[:] = neg
+        s[:] = 0
+        for j in range(n):
+            xb, mb = _u(o * sx0 + j * sx1 + k0), _u(o * sm0 + j * sm1 + k0)
+            for k in range(_u(bk)):
+                m[k] = fmaximum(m[k], x[xb + k] if not masked or mk[mb + k] else neg)
+        for k in range(bk):
+            shift[k] = m[k] if -np.inf < m[k] < np.inf else zero
+        for j in range(n):
+            xb, mb = _u(o * sx0 + j * sx1 + k0), _u(o * sm0 + j * sm1 + k0)
+            for k in range(_u(bk)):
+                v = x[xb + k] if not masked or mk[mb + k] else neg
+                s[k] += _exp(v - shift[k])
+        for k in range(bk):
+            out[o * so + k0 + k] = _lse(m[k], s[k])
+
+
+@numba.njit(fastmath=_FLAGS, **_JIT)
+def lse_grad_rows(x, sx, mk, sm, masked, lse, dl, out, so, r0, r1, n):
+    """``out[i, j]`` = ``exp(x[i, j] - lse[i]) * dl[i]`` for rows ``r0 <= i < r1``; masked
+    entries 0; a row whose ``lse`` is +inf: ``dl[i] / k`` at its ``k`` +inf entries."""
+    zero = _like(x[0], 0.0)
+    for i in range(r0, r1):
+        xr, orow = x[i * sx : i * sx + n], out[i * so : i * so + n]
+        mr = mk[i * sm : i * sm + n] if masked else mk
+        li, di = lse[i], dl[i]
+        if li == np.inf:
+            k = 0
+            for j in range(n):
+                k += np.int64(xr[j] == np.inf and (not masked or mr[j]))
+            share = di / _like(zero, max(k, 1))
+            for j in range(n):
+                hit = xr[j] == np.inf and (not masked or mr[j])
+                orow[j] = share if hit else zero
+            continue
+        for j in range(n):
+            r = _exp(xr[j] - li) * di
+            orow[j] = r if not masked or mr[j] else zero
+
+
+@numba.njit(fastmath=_FLAGS, **_JIT)
+def lse_grad_cols(x, sx0, sx1, mk, sm0, sm1, masked, lse, dl, sl, out, so0, so1, o0, o1, k0, k1, n):
+    """:func:`lse_grad_rows` on a tile of a 3-D view: ``lse[o * sl + k]`` and ``dl`` alike."""
+    bk = k1 - k0
+    zero = _like(x[0], 0.0)
+    share = np.empty(bk, dtype=x.dtype)
+    for o in range(o0, o1):
+        lb = _u(o * sl + k0)
+        inf_cols = False
+        for k in range(bk):
+            inf_cols = inf_cols or lse[lb + k] == np.inf
+        if inf_cols:  # (rare: count the +inf entries of the tile's columns)
+            count = np.zeros(bk, dtype=np.int64)
+            for j in range(n):
+                xb, mb = _u(o * sx0 + j * sx1 + k0), _u(o * sm0 + j * sm1 + k0)
+                for k in range(bk):
+                    hit = x[xb + k] == np.inf and (not masked or mk[mb + k])
+                    count[k] += np.int64(hit)
+            for k in range(bk):
+                share[k] = dl[lb + k] / _like(zero, max(count[k], 1))
+        for j in range(n):
+            xb, mb = _u(o * sx0 + j * sx1 + k0), _u(o * sm0 + j * sm1 + k0)
+            ob = _u(o * so0 + j * so1 + k0)
+            for k in range(_u(bk)):
+                v = x[xb + k]
+                li = lse[lb + k]
+                r = _exp(v - li) * dl[lb + k]
+                if li == np.inf:
+                    r = share[k] if v == np.inf else zero
+                out[ob + k] = r if not masked or mk[mb + k] else zero
+
+
+# --------------------------------------------------------------------------------------------
 # fused cross-entropy (class indices along the last axis, no mask): the row statistics of the
 # forward pass, then the loss or the gradient of each row, without the log-softmax array
 
