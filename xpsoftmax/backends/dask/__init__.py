@@ -19,19 +19,26 @@ call that built the graph, never a namespace module (not picklable).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
+import numpy as np
+
 from ... import _compat
-from ..._call import ROW_KINDS, Call, Op
-from . import split
+from ..._call import ROW_KINDS, SOFTMAX, Call, Op
+from . import blocks, split
 from .split import aligned
 
 __all__ = ["run", "takes"]
 
 
+#: The kinds it takes: the row operations, softmin, logsumexp and its backward.
+KINDS = ROW_KINDS | {"softmin", "lse", "lse_vjp"}
+
+
 def takes(call: Any) -> bool:
-    """Row operations (forward, VJP, JVP) on Dask arrays, split softmax axes included."""
-    if call.op.kind not in ROW_KINDS:
+    """The :data:`KINDS` on Dask arrays, split softmax axes included."""
+    if call.op.kind not in KINDS:
         return False
     # (The split path names each dimension with a letter of ``blockwise``: 25 at most.)
     return call.x.ndim <= split.MAX_NDIM or not _split(call)
@@ -57,9 +64,20 @@ def run(call: Call) -> Any:
     import dask.array as da
 
     x = call.x
+    kind = call.op.kind
+    if kind == "lse":
+        return _logsumexp(call)
     if _split(call):
+        if kind == "softmin":  # (the negation is one more step of each chunk's task chain)
+            return split.run(call.derive(op=SOFTMAX, arrays=(-x,)))
+        if kind == "lse_vjp":
+            return _logsumexp_backward(call)
         return split.run(call)
-    arrays = [x, *(aligned(a, x) for a in call.arrays[1:])]
+    if kind == "lse_vjp":  # (lse and dl: one chunk of size 1 along the reduced axes)
+        kept = tuple((1,) if i in call.axes else c for i, c in enumerate(x.chunks))
+        arrays = [x, *(a if a.chunks == kept else a.rechunk(kept) for a in call.arrays[1:])]
+    else:
+        arrays = [x, *(aligned(a, x) for a in call.arrays[1:])]
     if call.mask is not None:
         arrays.append(aligned(call.mask, x))
     return da.map_blocks(
@@ -72,3 +90,34 @@ def run(call: Call) -> Any:
         dtype=call.dtype,
         meta=x._meta,
     )
+
+
+def _logsumexp(call: Call) -> Any:
+    """logsumexp from the split path's row statistics (one reduction tree, whatever the
+    chunking), each reduced axis kept as size 1 or dropped."""
+    import dask.array as da
+
+    x, mask = call.x, call.mask
+    stats = split.row_stats(x, None if mask is None else aligned(mask, x), call.axes)
+    r = da.map_blocks(
+        blocks.lse_block,
+        stats,
+        drop_axis=stats.ndim - 1,
+        rtype=call.dtype,
+        dtype=call.dtype,
+        meta=x._meta.astype(call.dtype),
+    )
+    return r if call.keepdims else da.squeeze(r, axis=call.axes)
+
+
+def _logsumexp_backward(call: Call) -> Any:
+    """The logsumexp VJP of a split axis: the rows' +inf counts (a reduction), then one task
+    per block; ``lse`` and ``dl`` broadcast along the reduced axes."""
+    import dask.array as da
+
+    x, lse, dl = call.arrays
+    mask = None if call.mask is None else aligned(call.mask, x)
+    hits = x == math.inf if mask is None else (x == math.inf) & mask
+    n_inf = da.sum(hits, axis=call.axes, keepdims=True, dtype=np.float64)
+    arrays = [x, lse, dl, n_inf] + ([] if mask is None else [mask])
+    return da.map_blocks(blocks.lse_grad_block, *arrays, dtype=call.dtype, meta=x._meta)

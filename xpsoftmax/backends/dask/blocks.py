@@ -149,3 +149,32 @@ def grad_block(y: Any, g: Any, mask: Any, dot: Any, *, op: Op) -> Any:
         if mask is not None:
             r = xp.where(mask, r, xp.zeros_like(r))
         return xp.astype(r, y.dtype, copy=False)
+
+
+def lse_block(stats: Any, *, rtype: Any) -> Any:
+    """A block of logsumexp from combined statistics (the statistics' last axis dropped)."""
+    xp = _compat.array_namespace(stats)
+    with np.errstate(all="ignore"):
+        m, s = stats[..., MAX], stats[..., SUMEXP]
+        finite = xp.isfinite(m)
+        # A maximum that is not finite is the result: +inf, NaN, or -inf for a row with
+        # nothing kept (or only -inf).
+        r = xp.where(finite, m + xp.log(xp.where(finite, s, xp.ones_like(s))), m)
+        return xp.astype(r, rtype)
+
+
+def lse_grad_block(x: Any, lse: Any, dl: Any, n_inf: Any, mask: Any = None) -> Any:
+    """A block of the logsumexp VJP ``exp(x - lse) * dl``: the limit (``dl`` split over the
+    row's ``n_inf`` +inf entries) where ``lse`` is +inf, 0 at masked entries."""
+    xp = _compat.array_namespace(x)
+    with np.errstate(all="ignore"):
+        xc = _kept(xp, x, mask, -math.inf)
+        ct = xc.dtype
+        lse, dl = xp.astype(lse, ct), xp.astype(dl, ct)
+        k = xp.astype(n_inf, ct)
+        limit = xp.where(xc == math.inf, 1.0 / xp.where(k == 0, xp.ones_like(k), k), 0.0)
+        p = xp.where(lse == math.inf, limit, xp.exp(xc - lse))
+        r = p * dl
+        if mask is not None:
+            r = xp.where(mask, r, xp.zeros_like(r))
+        return xp.astype(r, x.dtype, copy=False)

@@ -417,7 +417,7 @@ def logsumexp_backward(
     stats = xv.shape[:1] + xv.shape[2:]  # (rows,) or (outer, inner)
     # (copies in the compute dtype: one value per row, and never the memory of out)
     lv = np.array(np.squeeze(lse, axis=axes), dtype=ct).reshape(stats)
-    dv = np.array(np.broadcast_to(np.squeeze(dl, axis=axes), lv.shape), dtype=ct).reshape(stats)
+    dv = np.array(np.squeeze(dl, axis=axes), dtype=ct).reshape(stats)
     if not staged:
         xf, xs = _input(xv)
     if xv.ndim == 2:
