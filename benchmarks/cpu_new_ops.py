@@ -10,7 +10,9 @@
   ``torch.nn.functional.softmin``;
 * ``softmax_f16_to_f32``: ``xpsoftmax.softmax(x16, dtype=float32)`` (the fused upcast)
   against casting first (``xpsoftmax.softmax(x16.astype(float32))``) and
-  ``torch.softmax(t16, -1, dtype=torch.float32)``.
+  ``torch.softmax(t16, -1, dtype=torch.float32)``;
+* ``softmax_f16``, ``softmax_bf16``: float16 and bfloat16 (``ml_dtypes``) arrays against
+  ``scipy.special.softmax`` and ``torch.softmax`` of the same dtype.
 
 Timing as in ``cpu_bench.py`` (its ``time_interleaved``: blocks of calls per implementation,
 three rounds in rotating order); a figure is the median and the minimum over ``--repeats``
@@ -69,6 +71,22 @@ def _calls(op: str, shape: tuple[int, ...], rng: np.random.Generator) -> dict:
         }
     x16 = x.astype(np.float16)
     t16 = torch.from_numpy(x16)
+    if op == "softmax_f16":
+        return {
+            "xpsoftmax": lambda: xpsoftmax.softmax(x16),
+            "scipy": lambda: scipy.special.softmax(x16, axis=-1),
+            "torch": lambda: torch.softmax(t16, -1),
+        }
+    if op == "softmax_bf16":
+        import ml_dtypes
+
+        xb = x.astype(ml_dtypes.bfloat16)
+        tb = t.to(torch.bfloat16)
+        return {
+            "xpsoftmax": lambda: xpsoftmax.softmax(xb),
+            "scipy": lambda: scipy.special.softmax(xb, axis=-1),
+            "torch": lambda: torch.softmax(tb, -1),
+        }
     return {
         "xpsoftmax": lambda: xpsoftmax.softmax(x16, dtype=np.float32),
         "cast first": lambda: xpsoftmax.softmax(x16.astype(np.float32)),
@@ -76,7 +94,14 @@ def _calls(op: str, shape: tuple[int, ...], rng: np.random.Generator) -> dict:
     }
 
 
-OPS = ["logsumexp", "logsumexp_backward", "softmin", "softmax_f16_to_f32"]
+OPS = [
+    "logsumexp",
+    "logsumexp_backward",
+    "softmin",
+    "softmax_f16_to_f32",
+    "softmax_f16",
+    "softmax_bf16",
+]
 
 
 def main(argv: list[str] | None = None) -> int:

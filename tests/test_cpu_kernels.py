@@ -430,3 +430,101 @@ def test_a_row_gives_the_same_bits_wherever_it_sits(dtype, rng):
     inplace = g.copy()
     r = xpsoftmax.softmax_backward(x, inplace, out=inplace)
     assert r.tobytes() == whole[2].tobytes()
+
+
+# --------------------------------------------------------------------------------------------
+# the 16-bit storage conversions (float16, bfloat16) of the staged blocks
+
+
+def _narrow_samples() -> np.ndarray:
+    rng = np.random.default_rng(3)
+    bits = rng.integers(0, 2**32, size=1 << 20, dtype=np.uint64).astype(np.uint32)
+    edges = [65504.0, 65519.996, 65520.0, 65536.0, 6.0e-8, 2.9802322e-08, 5.9604645e-08]
+    edges += [-0.0, 0.0, np.inf, -np.inf, 1.0 + 2.0**-11, 1.0 + 3 * 2.0**-11, 3.0e38]
+    ties = np.arange(-4096, 4096, dtype=np.float32) + np.float32(0.5)  # ties to even
+    return np.concatenate(
+        [bits.view(np.float32), np.array(edges, np.float32), ties, ties * np.float32(2.0**-14)]
+    )
+
+
+def test_widen_is_exact_for_every_float16_and_bfloat16():
+    from xpsoftmax.backends.numpy import kernels
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
+    out = np.empty(bits.size, np.float32)
+    for kind, dtype in ((0, np.float16), (1, ml_dtypes.bfloat16)):
+        kernels.widen(bits, 0, 0, out, 1, 1, bits.size, kind, False)
+        ref = bits.view(dtype).astype(np.float32)
+        nan = np.isnan(ref)
+        assert np.array_equal(out[~nan].view(np.uint32), ref[~nan].view(np.uint32))
+        assert np.isnan(out[nan]).all()  # (signalling NaNs come back quiet)
+        kernels.widen(bits, 0, 0, out, 1, 1, bits.size, kind, True)  # softmin: negated
+        assert np.array_equal(out[~nan], -ref[~nan])
+
+
+def test_narrow_rounds_as_numpy_and_ml_dtypes():
+    from xpsoftmax.backends.numpy import kernels
+
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    f = _narrow_samples()
+    out = np.empty(f.size, np.uint16)
+    nan = np.isnan(f)
+    for kind, dtype in ((0, np.float16), (1, ml_dtypes.bfloat16)):
+        kernels.narrow(f, out, 0, 0, 1, 1, f.size, kind)
+        with np.errstate(all="ignore"):
+            ref = f.astype(dtype).view(np.uint16)
+        assert np.array_equal(out[~nan], ref[~nan]), dtype
+        assert np.isnan(out[nan].view(dtype).astype(np.float32)).all()
+
+
+def test_strided_blocks_convert_in_place():
+    from xpsoftmax.backends.numpy import kernels
+
+    x = np.arange(2 * 3 * 10, dtype=np.float16).reshape(2, 3, 10)[:, :, 2:7]  # strided
+    flat = np.lib.stride_tricks.as_strided(x.view(np.uint16), (x.size * 3,), (2,))
+    out = np.empty(x.shape, np.float64)  # (float16 to float64, as dtype= does)
+    kernels.widen(flat, 30, 10, out.reshape(-1), *x.shape, 0, False)
+    assert np.array_equal(out, x.astype(np.float64))
+    dst = np.zeros((2, 3, 10), np.float16)
+    src = np.arange(30, dtype=np.float32).reshape(2, 3, 5) + np.float32(0.25)
+    view = np.lib.stride_tricks.as_strided(dst[:, :, 2:].view(np.uint16), (60,), (2,))
+    kernels.narrow(src.reshape(-1), view, 30, 10, *src.shape, 0)
+    assert np.array_equal(dst[:, :, 2:7], src.astype(np.float16))
+    assert not dst[:, :, :2].any() and not dst[:, :, 7:].any()
+
+
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((37, 300), -1), ((4, 300, 70), 1), ((9, 2, 40), (0, 2))]
+)
+def test_bfloat16_and_float16_take_the_compiled_path_rounded_once(shape, axis, rng):
+    # Each result is the float32 operation on the widened input, rounded once: the same bits as
+    # computing in float32 and casting (with masks, softmin, logsumexp and the backward too).
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    from xpsoftmax import _call, backends
+
+    x32 = (3 * rng.standard_normal(shape)).astype(np.float32)
+    mask = rng.random(shape) > 0.2
+    for dtype in (np.float16, ml_dtypes.bfloat16):
+        x = x32.astype(dtype)
+        call = _call.make_call(_call.SOFTMAX, ((x, "x"),), axis, None, None)
+        assert backends.select(call)[0] == "numpy"
+        wide = x.astype(np.float32)
+        for f in (xpsoftmax.softmax, xpsoftmax.log_softmax, xpsoftmax.softmin):
+            for where in (None, mask):
+                r = f(x, axis, where=where)
+                assert r.dtype == dtype
+                assert np.array_equal(
+                    r.view(np.uint16), f(wide, axis, where=where).astype(dtype).view(np.uint16)
+                )
+        y = xpsoftmax.softmax(x, axis)
+        g = rng.standard_normal(shape).astype(dtype)
+        r = xpsoftmax.softmax_backward(y, g, axis, where=mask)
+        ref = xpsoftmax.softmax_backward(
+            y.astype(np.float32), g.astype(np.float32), axis, where=mask
+        )
+        assert np.array_equal(r.view(np.uint16), ref.astype(dtype).view(np.uint16))
+        r = xpsoftmax.logsumexp(x, axis)
+        assert np.array_equal(
+            r.view(np.uint16), xpsoftmax.logsumexp(wide, axis).astype(dtype).view(np.uint16)
+        )

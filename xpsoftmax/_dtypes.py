@@ -65,9 +65,16 @@ def kernel_dtype(dtype: Any) -> DType | None:
     return TABLE.get(str(dtype).rsplit(".", 1)[-1])
 
 
+_FLOAT32 = np.dtype(np.float32)
+
+
 def np_compute_dtype(dtype: np.dtype) -> np.dtype:
-    """:func:`compute_dtype` for a NumPy dtype of the table (no namespace needed)."""
-    return _NP_COMPUTE[dtype]
+    """:func:`compute_dtype` for a NumPy dtype of the table, or ``ml_dtypes.bfloat16`` (no
+    namespace needed)."""
+    ct = _NP_COMPUTE.get(dtype)
+    if ct is None and dtype.name == "bfloat16":
+        return _FLOAT32
+    return _NP_COMPUTE[dtype] if ct is None else ct
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:

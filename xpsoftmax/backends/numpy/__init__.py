@@ -76,6 +76,13 @@ CASTS = True
 _COMPILED_KINDS = frozenset(("softmin", "lse", "lse_vjp"))
 
 
+def _is_bfloat16(x: Any) -> bool:
+    """A NumPy array of ``ml_dtypes.bfloat16`` (what ``np.asarray`` of a JAX bfloat16 array
+    gives): only the compiled path takes it, computed in float32 per block as float16 is."""
+    dtype = getattr(x, "dtype", None)
+    return isinstance(dtype, np.dtype) and dtype.kind == "V" and dtype.name == "bfloat16"
+
+
 def takes(call: Call | XentCall) -> bool:
     """Row operations on arrays that ``blocked.takes`` accepts (float16/32/64 ndarrays...);
     on the compiled path also softmin, logsumexp and its backward, ``dtype=`` upcasts, and the
@@ -87,15 +94,16 @@ def takes(call: Call | XentCall) -> bool:
         from . import xent
 
         return xent.takes(call)  # type: ignore[arg-type]
-    if kind in _COMPILED_KINDS or call.cast:  # type: ignore[union-attr]
-        if _implementation() is blocked:
+    if kind in _COMPILED_KINDS or call.cast or _is_bfloat16(call.x):  # type: ignore[union-attr]
+        if _implementation() is blocked or not (kind in _COMPILED_KINDS or kind in ROW_KINDS):
             return False
+        x = call.x
+        dtypes = blocked._DTYPES | {x.dtype} if _is_bfloat16(x) else blocked._DTYPES
         if kind == "lse_vjp":
-            x = call.x
-            return blocked.takes((x,), call.axes, call.out) and all(
+            return blocked.takes((x,), call.axes, call.out, dtypes) and all(
                 type(a) is np.ndarray and a.dtype == x.dtype for a in call.arrays[1:]
             )
-        return blocked.takes(call.arrays, call.axes, call.out)
+        return blocked.takes(call.arrays, call.axes, call.out, dtypes)
     return kind in ROW_KINDS and blocked.takes(call.arrays, call.axes, call.out)
 
 
@@ -152,6 +160,8 @@ def _compiled_run(call: Call) -> Any:
 
 def run(call: Call | XentCall) -> Any:
     kind, log = call.op.kind, call.op.log
+    if kind in ROW_KINDS and _is_bfloat16(call.x):
+        return _compiled_run(call)  # type: ignore[arg-type]
     if kind in _XENT_KINDS:
         from . import xent
 

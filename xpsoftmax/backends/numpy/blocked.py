@@ -66,16 +66,22 @@ _MIN_CHUNK_ROWS = 64
 # switches
 
 
-def takes(arrays: tuple[Array, ...], axes: tuple[int, ...], out: Array | None) -> bool:
+def takes(
+    arrays: tuple[Array, ...],
+    axes: tuple[int, ...],
+    out: Array | None,
+    dtypes: frozenset[np.dtype] = _DTYPES,
+) -> bool:
     """True when these arguments run here: plain ``ndarray`` inputs (and ``out``) of one dtype
-    of the table, at least one dimension and one softmax axis; ``XPSOFTMAX_NUMPY_FAST`` not 0."""
+    of ``dtypes`` (the table's), at least one dimension and one softmax axis;
+    ``XPSOFTMAX_NUMPY_FAST`` not 0."""
     if not _config.numpy_fast() or not axes or (out is not None and type(out) is not np.ndarray):
         return False
     dtype = arrays[0].dtype
     for a in arrays:  # (a loop: a generator expression costs a microsecond on every call)
         if type(a) is not np.ndarray or a.dtype != dtype or a.ndim == 0:
             return False
-    return dtype in _DTYPES
+    return dtype in dtypes
 
 
 @functools.cache

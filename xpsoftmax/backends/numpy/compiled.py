@@ -12,8 +12,10 @@ the same for any number of threads):
 * a middle axis, the view ``(outer, n, inner)``: a task is ``bo`` outer slices times a tile of
   ``bk`` inner columns, the whole ``n`` of each, so that the tile fits the L2 cache.
 
-float16 is computed in float32: each task copies its block into per-thread float32 scratch,
-runs the float32 kernel there and rounds once into the output (never a full-size cast).
+float16 and bfloat16 are computed in float32: each task converts its block into per-thread
+float32 scratch (``kernels.widen``), runs the float32 kernel there and rounds once into the
+output (``kernels.narrow``); never a full-size cast. ``dtype=`` upcasts and softmin (the block
+negated as it is converted) take the same staging, writing the wide result directly.
 
 Each kernel takes flat contiguous buffers and element strides (see ``kernels.py``). A view whose
 innermost stride is not one element, or that has negative strides, is copied first; an ``out=``
@@ -128,13 +130,53 @@ def _ro_flat(a: Array) -> Array:
     return v
 
 
-def _load(w: Array, src: Array, neg: bool) -> None:
-    """Fill the scratch ``w`` from the block ``src``: converted to ``w``'s dtype, negated for
-    softmin."""
+def _storage_kind(dtype: np.dtype) -> int | None:
+    """The ``kind`` of ``kernels.widen``/``narrow`` for a 16-bit storage dtype, else None."""
+    if dtype.char == "e":
+        return 0
+    return 1 if dtype.name == "bfloat16" else None
+
+
+def _as_3d(v: Array, writeable: bool):
+    """(flat 16-bit buffer, first two element strides, (a, b, c)) of a 2-D/3-D view of a
+    16-bit dtype, or None when its innermost stride is not one element."""
+    f = _flat(v.view(np.uint16), writeable)
+    if f is None:
+        return None
+    flat, st = f
+    if v.ndim == 2:
+        return flat, (0, st[0]), (1, *v.shape)
+    return flat, st, v.shape
+
+
+def _load(w: Array, src: Array, neg: bool = False) -> None:
+    """Fill the scratch ``w`` (contiguous, compute dtype) from the block ``src``: converted to
+    ``w``'s dtype, negated for softmin (float16/bfloat16 by the kernels: NumPy's casts of
+    float16 cost more than the whole operation)."""
+    kind = _storage_kind(src.dtype)
+    if kind is not None:
+        f = _as_3d(src, False)
+        if f is not None:
+            flat, (s0, s1), (a, b, c) = f
+            kernels.widen(flat, s0, s1, w.reshape(-1), a, b, c, kind, neg)
+            return
     if neg:
         np.negative(src, out=w)
     else:
         np.copyto(w, src)
+
+
+def _store(dst: Array, wo: Array) -> None:
+    """Write the block ``wo`` (contiguous, compute dtype) into the result's block ``dst``,
+    rounded once to its dtype."""
+    kind = _storage_kind(dst.dtype)
+    if kind is not None and wo.dtype == np.float32:
+        f = _as_3d(dst, True)
+        if f is not None:
+            flat, (d0, d1), (a, b, c) = f
+            kernels.narrow(wo.reshape(-1), flat, d0, d1, a, b, c, kind)
+            return
+    np.copyto(dst, wo)
 
 
 def forward(
@@ -192,7 +234,7 @@ def forward(
                 return
             wo = blocked._scratch.get(1, ct, (r1 - r0, n))
             kernels.forward_rows(src, sx, m0, ms[0], masked, wo.reshape(-1), n, 0, r1 - r0, n, log)
-            np.copyto(ov[r0:r1], wo)
+            _store(ov[r0:r1], wo)
 
     else:
         outer, n, inner = xv.shape
@@ -217,7 +259,7 @@ def forward(
             kernels.forward_cols(
                 wf, *st, m0, *ms, masked, wo.reshape(-1), *st, 0, o1 - o0, 0, bk, n, log
             )
-            np.copyto(ov[o0:o1, :, k0:k1], wo)
+            _store(ov[o0:o1, :, k0:k1], wo)
 
     blocked.run_tasks(plan.count, c.threads, task)
     return c.finish()
@@ -281,8 +323,8 @@ def product(
             if half:  # (scratch first: see forward)
                 wy = blocked._scratch.get(0, ct, (r1 - r0, n))
                 wg = blocked._scratch.get(1, ct, (r1 - r0, n))
-                np.copyto(wy, yv[r0:r1])
-                np.copyto(wg, gv[r0:r1])
+                _load(wy, yv[r0:r1])
+                _load(wg, gv[r0:r1])
                 fy, sy, fg, sg = _ro_flat(wy), n, _ro_flat(wg), n
             else:
                 fy, sy, fg, sg = yf[r0 * ys[0] :], ys[0], gf[r0 * gs[0] :], gs[0]
@@ -295,7 +337,7 @@ def product(
             kernels.product_rows(
                 fy, sy, fg, sg, m0, ms[0], masked, wo.reshape(-1), n, 0, r1 - r0, n, k
             )
-            np.copyto(ov[r0:r1], wo)
+            _store(ov[r0:r1], wo)
 
     else:
         outer, n, inner = yv.shape
@@ -312,8 +354,8 @@ def product(
             bk = k1 - k0
             wy = blocked._scratch.get(0, ct, (o1 - o0, n, bk))
             wg = blocked._scratch.get(1, ct, wy.shape)
-            np.copyto(wy, yv[o0:o1, :, k0:k1])
-            np.copyto(wg, gv[o0:o1, :, k0:k1])
+            _load(wy, yv[o0:o1, :, k0:k1])
+            _load(wg, gv[o0:o1, :, k0:k1])
             fy, fg = _ro_flat(wy), _ro_flat(wg)
             m0 = mk[o0 * ms[0] + k0 :] if masked else mk
             st = (n * bk, bk)
@@ -327,7 +369,7 @@ def product(
             kernels.product_cols(
                 fy, *st, fg, *st, m0, *ms, masked, wo.reshape(-1), *st, 0, o1 - o0, 0, bk, n, k
             )
-            np.copyto(ov[o0:o1, :, k0:k1], wo)
+            _store(ov[o0:o1, :, k0:k1], wo)
 
     blocked.run_tasks(plan.count, c.threads, task)
     return c.finish()
@@ -368,7 +410,7 @@ def logsumexp(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
                 kernels.lse_rows(xf, xs[0], mk, ms[0], masked, r, r0, r1, n)
                 return
             w = blocked._scratch.get(0, ct, (r1 - r0, n))
-            np.copyto(w, xv[r0:r1])
+            _load(w, xv[r0:r1])
             m0 = mk[r0 * ms[0] :] if masked else mk
             kernels.lse_rows(_ro_flat(w), n, m0, ms[0], masked, r[r0:r1], 0, r1 - r0, n)
 
@@ -386,7 +428,7 @@ def logsumexp(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
                 return
             bk = k1 - k0
             w = blocked._scratch.get(0, ct, (o1 - o0, n, bk))
-            np.copyto(w, xv[o0:o1, :, k0:k1])
+            _load(w, xv[o0:o1, :, k0:k1])
             m0 = mk[o0 * ms[0] + k0 :] if masked else mk
             of = rf[o0 * inner + k0 :]
             wf, st = _ro_flat(w), (n * bk, bk)
@@ -431,7 +473,7 @@ def logsumexp_backward(
                 return
             w = blocked._scratch.get(0, ct, (r1 - r0, n))
             wo = blocked._scratch.get(1, ct, (r1 - r0, n))
-            np.copyto(w, xv[r0:r1])
+            _load(w, xv[r0:r1])
             m0 = mk[r0 * ms[0] :] if masked else mk
             kernels.lse_grad_rows(
                 _ro_flat(w),
@@ -447,7 +489,7 @@ def logsumexp_backward(
                 r1 - r0,
                 n,
             )
-            np.copyto(ov[r0:r1], wo)
+            _store(ov[r0:r1], wo)
 
     else:
         outer, n, inner = xv.shape
@@ -465,7 +507,7 @@ def logsumexp_backward(
             bk = k1 - k0
             w = blocked._scratch.get(0, ct, (o1 - o0, n, bk))
             wo = blocked._scratch.get(1, ct, w.shape)
-            np.copyto(w, xv[o0:o1, :, k0:k1])
+            _load(w, xv[o0:o1, :, k0:k1])
             m0 = mk[o0 * ms[0] + k0 :] if masked else mk
             st = (n * bk, bk)
             kernels.lse_grad_cols(
@@ -485,7 +527,7 @@ def logsumexp_backward(
                 bk,
                 n,
             )
-            np.copyto(ov[o0:o1, :, k0:k1], wo)
+            _store(ov[o0:o1, :, k0:k1], wo)
 
     blocked.run_tasks(plan.count, c.threads, task)
     return c.finish()
