@@ -577,3 +577,14 @@ def test_kernel_mode_never_reaches_the_log_softmax_inside_cross_entropy(gpu):
     )
     np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
     assert gpu.names == []
+
+
+def test_dtype_upcast_casts_then_runs_the_kernels(gpu):
+    """``dtype=`` on CuPy: the input is cast first (no fused upcast kernel yet), then the row
+    kernels run on the wide array; values as torch's ``dtype=``."""
+    x = (3 * _rng(23).standard_normal((6, 300))).astype(np.float16)
+    got = xps.softmax(to_device(x), dtype=np.float32)
+    assert isinstance(got, DeviceArray) and got.dtype == np.float32
+    want = torch.softmax(torch.from_numpy(x), -1, dtype=torch.float32).numpy()
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-8)
+    assert gpu.names and all("<float," in n for n in gpu.names)  # the float32 kernels only

@@ -897,3 +897,65 @@ def test_cross_entropy_on_a_second_device(xent_kernels):
     np_grad = xr.grad.cpu().numpy()
     assert float(abs(cupy.asnumpy(dx_c) - np_grad).max()) <= 1e-6 * float(abs(np_grad).max())
     assert len(xent_kernels) == 4
+
+
+# --------------------------------------------------------------------------------------------
+# issue 12's operations on CuPy and torch CUDA: the generic CuPy path (no kernel of their own
+# yet), against scipy / torch references in float64
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("axis", [-1, 0, (0, 2)])
+def test_logsumexp_and_backward_on_cupy(dtype, axis):
+    import numpy as np
+    import scipy.special
+
+    rng = np.random.default_rng(12)
+    x = (3 * rng.standard_normal((5, 7, 300))).astype(dtype)
+    x[0, 0, 3] = np.inf
+    x[1, 2] = -np.inf
+    X = cupy.asarray(x)
+    lse = xpsoftmax.logsumexp(X, axis, keepdims=True)
+    assert isinstance(lse, cupy.ndarray) and lse.dtype == dtype
+    ref = scipy.special.logsumexp(x.astype(np.float64), axis=axis, keepdims=True)
+    rtol = {"float16": 2e-3, "float32": 1e-6, "float64": 1e-13}[dtype]
+    np.testing.assert_allclose(cupy.asnumpy(lse).astype(np.float64), ref, rtol=rtol, atol=0)
+    dl = cupy.ones(lse.shape, dtype=dtype)
+    dx = xpsoftmax.logsumexp_backward(X, lse, dl, axis)
+    assert isinstance(dx, cupy.ndarray) and dx.dtype == dtype
+    on_cpu = xpsoftmax.logsumexp_backward(x, cupy.asnumpy(lse), cupy.asnumpy(dl), axis)
+    np.testing.assert_allclose(
+        cupy.asnumpy(dx).astype(np.float64), on_cpu.astype(np.float64), rtol=20 * rtol, atol=1e-7
+    )
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmin_and_dtype_on_cupy(dtype):
+    import numpy as np
+    import scipy.special
+
+    rng = np.random.default_rng(13)
+    x = (3 * rng.standard_normal((64, 1000))).astype(dtype)
+    X = cupy.asarray(x)
+    r = xpsoftmax.softmin(X)
+    assert isinstance(r, cupy.ndarray) and r.dtype == dtype
+    ref = scipy.special.softmax(-x.astype(np.float64), axis=-1)
+    np.testing.assert_allclose(
+        cupy.asnumpy(r).astype(np.float64), ref, rtol=TOL[dtype] * 10, atol=1e-7
+    )
+    r = xpsoftmax.softmax(X, dtype=cupy.float64)
+    assert r.dtype == cupy.float64
+    ref = scipy.special.softmax(x.astype(np.float64), axis=-1)
+    np.testing.assert_allclose(cupy.asnumpy(r), ref, rtol=1e-12, atol=0)
+
+
+def test_new_ops_on_torch_cuda_keep_autograd():
+    import torch
+
+    x = torch.randn(8, 500, device="cuda", dtype=torch.float64, requires_grad=True)
+    lse = xpsoftmax.logsumexp(x)
+    lse.sum().backward()
+    torch.testing.assert_close(x.grad, torch.softmax(x.detach(), -1))
+    torch.testing.assert_close(
+        xpsoftmax.softmin(x.detach()), torch.nn.functional.softmin(x.detach(), -1)
+    )
