@@ -252,3 +252,61 @@ def test_dtype_names_and_errors():
     r = xpsoftmax.softmax(torch.zeros(2, 3, dtype=torch.float16), dtype=torch.float64)
     assert r.dtype == torch.float64
     assert xpsoftmax.softmax(np.arange(3), dtype=np.float32).dtype == np.float32
+
+
+def _edge_rows() -> tuple[np.ndarray, np.ndarray]:
+    x = np.array(
+        [
+            [65504.0, 65504.0, -65504.0, 0.0],  # float16's largest values: no overflow
+            [-65504.0, -65504.0, 65504.0, 0.0],
+            [math.inf, 1.0, math.inf, 0.0],
+            [-math.inf] * 4,
+            [0.0, math.nan, 1.0, 2.0],
+            [1.0, 2.0, 3.0, 4.0],  # fully masked below
+        ],
+        dtype=np.float16,
+    )
+    mask = np.ones(x.shape, dtype=bool)
+    mask[5] = False
+    mask[0, 3] = False
+    return x, mask
+
+
+@pytest.mark.parametrize("fn", [xpsoftmax.softmax, xpsoftmax.log_softmax, xpsoftmax.softmin])
+def test_dtype_and_softmin_edge_values(xp, library, fn):
+    if not library.has_float16:
+        pytest.skip("array-api-strict has no float16")
+    import torch
+
+    x, mask = _edge_rows()
+    X, M = xp.asarray(x), xp.asarray(mask)
+    r = fn(X, where=M, dtype=xp.float32)
+    # torch's dtype= on the rows torch and xpsoftmax define alike (finite rows, NaN rows); the
+    # rest by the rules of the softmax docstring, written out in float64
+    name = {"softmax": "softmax", "log_softmax": "log_softmax", "softmin": "softmin"}[fn.__name__]
+    tf = getattr(torch.nn.functional, name)
+    ref = tf(torch.from_numpy(x), -1, dtype=torch.float32).numpy().astype(np.float64)
+    log = name == "log_softmax"
+    neg_inf_or_0 = -math.inf if log else 0.0
+    sign = -1.0 if name == "softmin" else 1.0
+    kept = x[0, :3].astype(np.float64) * sign
+    row0 = (scipy.special.log_softmax if log else scipy.special.softmax)(kept)
+    ref[0] = [*row0, neg_inf_or_0]
+    plus = [
+        math.log(0.5) if log else 0.5,
+        neg_inf_or_0,
+        math.log(0.5) if log else 0.5,
+        neg_inf_or_0,
+    ]
+    if name == "softmin":
+        ref[2] = scipy.special.softmax(-x[2].astype(np.float64))  # +inf entries give 0
+        ref[3] = [0.25] * 4  # -(-inf) = +inf everywhere: the mass split evenly
+    else:
+        ref[2] = plus
+        ref[3] = math.nan  # a row of -inf: NaN, as torch
+    ref[5] = neg_inf_or_0  # fully masked
+    xp_assert_close(r, ref, xp=xp, dtype="float32", rtol=1e-6, atol=0)
+    # and the result is the operation on the cast input
+    xp_assert_equal(r, fn(xp.asarray(x.astype(np.float32)), where=M))
+    empty = fn(xp.asarray(np.zeros((0, 4), np.float16)), dtype=xp.float32)
+    assert tuple(empty.shape) == (0, 4) and to_numpy(empty).dtype == np.float32
