@@ -284,3 +284,52 @@ def test_dask_split_axis_takes_the_two_pass_split_path():
     assert backend_of(x, axis=0) == "dask"
     assert backend_of(x.rechunk((2, 6)), axis=1) == "dask"
     np.testing.assert_allclose(xpsoftmax.softmax(x, axis=1).compute(), np.full((4, 6), 1 / 6))
+
+
+@pytest.mark.parametrize("axis", [-1, 1, (0, 2), None])
+def test_new_ops_stay_lazy_on_dask_and_jit_on_jax(axis, rng):
+    """logsumexp and its backward, softmin and dtype=: lazy on Dask (every axis split across
+    chunks, nothing computed until .compute()), traced under jax.jit; values as jax.nn's."""
+    x = 3.0 * rng.standard_normal(SHAPE)
+    mask = rng.random(SHAPE) < 0.7
+    mask[0], mask[:, 0], mask[:, :, 0] = True, True, True
+    xj = jnp.asarray(x)
+    lse_ref = jax.nn.logsumexp(xj, axis=axis, where=mask, keepdims=True)
+    grad_ref = jax.grad(lambda a: jax.nn.logsumexp(a, axis=axis, where=mask).sum())(xj)
+    softmin_ref = jax.nn.softmax(-xj, axis=axis, where=mask)
+    softmin_ref = jnp.where(mask, softmin_ref, 0.0)
+    dx, dmask = da.from_array(x, chunks=CHUNKS), da.from_array(mask, chunks=(6, 1, 10))
+    with dask.config.set(scheduler=_refuse_compute):
+        lse = xpsoftmax.logsumexp(dx, axis, where=dmask, keepdims=True)
+        dl = da.ones(lse.shape, chunks=1)
+        results = {
+            "lse": lse,
+            "grad": xpsoftmax.logsumexp_backward(dx, lse, dl, axis, where=dmask),
+            "softmin": xpsoftmax.softmin(dx, axis, where=dmask),
+            "f32": xpsoftmax.softmax(dx.astype(np.float32), axis, dtype=np.float64),
+        }
+    assert all(isinstance(r, da.Array) for r in results.values())
+    (got,) = dask.compute(results)
+    np.testing.assert_allclose(got["lse"], lse_ref, rtol=1e-12)
+    np.testing.assert_allclose(got["grad"], grad_ref, rtol=1e-11, atol=1e-15)
+    np.testing.assert_allclose(got["softmin"], softmin_ref, rtol=1e-11, atol=1e-15)
+    f32_ref = scipy.special.softmax(x.astype(np.float32).astype(np.float64), axis=axis)
+    np.testing.assert_allclose(got["f32"], f32_ref, rtol=1e-12)
+    # JAX: traced, the same values
+    lse_j = jax.jit(lambda a, w: xpsoftmax.logsumexp(a, axis, where=w, keepdims=True))
+    xp_assert_close(lse_j(xj, jnp.asarray(mask)), lse_ref)
+    back_j = jax.jit(
+        lambda a, w: xpsoftmax.logsumexp_backward(
+            a,
+            xpsoftmax.logsumexp(a, axis, where=w),
+            jnp.ones(lse_ref.shape).squeeze(),
+            axis,
+            where=w,
+        )
+    )
+    if axis is not None:
+        xp_assert_close(back_j(xj, jnp.asarray(mask)), grad_ref)
+    softmin_j = jax.jit(lambda a, w: xpsoftmax.softmin(a, axis, where=w, dtype=jnp.float64))
+    xp_assert_close(
+        softmin_j(xj.astype(jnp.float32), jnp.asarray(mask)), softmin_ref, rtol=1e-6, atol=1e-7
+    )

@@ -67,15 +67,18 @@ def run(call: Call) -> Any:
     kind = call.op.kind
     if kind == "lse":
         return _logsumexp(call)
+    if kind == "lse_vjp":  # (lse and dl: one chunk of size 1 along the reduced axes)
+        kept = tuple((1,) if i in call.axes else c for i, c in enumerate(x.chunks))
+        pair = tuple(a if a.chunks == kept else a.rechunk(kept) for a in call.arrays[1:])
+        call = call.derive(arrays=(x, *pair))
     if _split(call):
         if kind == "softmin":  # (the negation is one more step of each chunk's task chain)
             return split.run(call.derive(op=SOFTMAX, arrays=(-x,)))
         if kind == "lse_vjp":
             return _logsumexp_backward(call)
         return split.run(call)
-    if kind == "lse_vjp":  # (lse and dl: one chunk of size 1 along the reduced axes)
-        kept = tuple((1,) if i in call.axes else c for i, c in enumerate(x.chunks))
-        arrays = [x, *(a if a.chunks == kept else a.rechunk(kept) for a in call.arrays[1:])]
+    if kind == "lse_vjp":
+        arrays = list(call.arrays)
     else:
         arrays = [x, *(aligned(a, x) for a in call.arrays[1:])]
     if call.mask is not None:
