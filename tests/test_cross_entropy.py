@@ -364,7 +364,9 @@ def _restricted_reference(x, t, mask, axis, reduction, eps):
             target = torch.from_numpy(targets[i][masks[i]])
         losses.append(F.cross_entropy(X[i][keep], target, label_smoothing=eps, reduction="sum"))
     per_sample = torch.stack(losses)
-    total = {"none": per_sample, "sum": per_sample.sum(), "mean": per_sample.mean()}[reduction]
+    counted = int(masks.any(axis=-1).sum())  # "mean" leaves fully masked samples out
+    mean = per_sample.sum() / counted if counted else per_sample.sum() * math.nan
+    total = {"none": per_sample, "sum": per_sample.sum(), "mean": mean}[reduction]
     total.backward(torch.ones_like(total))
     loss = total.detach().numpy()
     if reduction == "none":
@@ -387,7 +389,8 @@ def test_where_restricts_to_unmasked_classes(xp, kind, reduction, label_smoothin
         mm[:, 0] = True  # every sample keeps a class
         t = np.array([rng.choice(np.flatnonzero(row)) for row in mm])
     else:
-        np.moveaxis(mask, axis, -1)[-1] = False  # one fully masked sample: loss 0, gradient 0
+        # one fully masked sample: loss 0, gradient 0, not counted in "mean"
+        np.moveaxis(mask, axis, -1)[-1] = False
         t = _probs(rng, shape, axis)  # mass on masked classes is dropped
     ref_loss, ref_grad = _restricted_reference(x, t, mask, axis, reduction, label_smoothing)
     X, T, M = _arr(xp, x), _arr(xp, t), _arr(xp, mask)
@@ -417,6 +420,153 @@ def test_target_on_masked_class_is_an_error(xp, rng):
     x, mask = _logits(rng, (2, 3)), np.array([[True, False, True], [True, True, True]])
     with pytest.raises(ValueError, match="masks out"):
         xpsoftmax.cross_entropy(_arr(xp, x), _arr(xp, np.array([1, 1])), where=_arr(xp, mask))
+
+
+def _kept_reference(x, t, keep, axis=-1, *, dloss=None, **kwargs):
+    """torch on the samples where ``keep`` (the loss shape) is True, the others dropped: their
+    loss and gradient 0 (for ``"none"``; ``dloss`` per sample is then cut to the kept ones)."""
+    xm = np.moveaxis(x, axis, -1)
+    rows, n = xm.reshape(-1, xm.shape[-1]), xm.shape[-1]
+    flat_keep = keep.reshape(-1)
+    if np.issubdtype(t.dtype, np.integer):
+        kept_t = t.reshape(-1)[flat_keep]
+    else:
+        kept_t = np.moveaxis(t, axis, -1).reshape(-1, n)[flat_keep]
+    if dloss is not None and np.ndim(dloss):
+        dloss = np.asarray(dloss).reshape(-1)[flat_keep]
+    loss, grad = torch_ce(rows[flat_keep], kept_t, dloss=dloss, **kwargs)
+    full = np.zeros_like(rows)
+    full[flat_keep] = grad
+    if kwargs.get("reduction") == "none":
+        per_sample = np.zeros(flat_keep.shape)
+        per_sample[flat_keep] = loss
+        loss = per_sample.reshape(keep.shape)
+    return loss, np.moveaxis(full.reshape(xm.shape), -1, axis)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "prob", "weighted"])
+def test_per_sample_where_drops_samples(xp, kind, reduction, rng):
+    # where of the loss shape (6,), which does not broadcast to (6, 5): one flag per sample; a
+    # False sample is dropped (0 loss, 0 gradient, not counted in "mean", also in its weights).
+    x = _logits(rng, (6, 5))
+    keep = np.array([True, False, True, True, False, True])
+    if kind == "prob":
+        t, kw = _probs(rng, (6, 5), -1), {}
+    else:
+        t, kw = _indices(rng, (6,), 5, -100, n_ignored=1), {"ignore_index": -100}
+    if kind == "weighted":
+        kw["weight"] = rng.uniform(0.1, 3.0, size=5)
+    dloss = rng.standard_normal(6) if reduction == "none" else 1.7
+    tkw = {**kw, "weight": torch.tensor(kw["weight"])} if "weight" in kw else kw
+    ref_loss, ref_grad = _kept_reference(
+        x, t, keep, dloss=dloss, reduction=reduction, label_smoothing=0.2, **tkw
+    )
+    X, T = _arr(xp, x), _arr(xp, t)
+    kw = {k: xp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    kw.update(reduction=reduction, label_smoothing=0.2, where=_arr(xp, keep))
+    dl = _arr(xp, dloss) if reduction == "none" else dloss
+    xp_assert_close(xpsoftmax.cross_entropy(X, T, **kw), ref_loss, xp=xp, dtype=xp.float64)
+    grad = xpsoftmax.cross_entropy_backward(X, T, dloss=dl, **kw)
+    xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+    assert np.all(to_numpy(grad)[~keep] == 0.0)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_per_sample_where_other_class_axis(xp, kind, rng):
+    x, axis = _logits(rng, (3, 5, 4)), 1
+    keep = rng.random((3, 4)) > 0.4
+    t = _indices(rng, (3, 4), 5) if kind == "index" else _probs(rng, x.shape, axis)
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.1}
+        ref_loss, ref_grad = _kept_reference(x, t, keep, axis, **kw)
+        X, T, W = _arr(xp, x), _arr(xp, t), _arr(xp, keep)
+        loss = xpsoftmax.cross_entropy(X, T, axis, where=W, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+        grad = xpsoftmax.cross_entropy_backward(X, T, axis, where=W, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+
+
+def test_where_of_both_shapes_is_per_class(xp, rng):
+    # logits (4, 4), where (4,): it broadcasts, so it masks classes (as before); expanded along
+    # the class axis it masks samples.
+    x, t = _logits(rng, (4, 4)), np.array([0, 2, 3, 0])
+    flags = np.array([True, False, True, True])
+    ref_loss, ref_grad = _restricted_reference(x, t, np.tile(flags, (4, 1)), -1, "sum", 0)
+    X, T = _arr(xp, x), _arr(xp, t)
+    xp_assert_close(
+        xpsoftmax.cross_entropy(X, T, where=_arr(xp, flags), reduction="sum"),
+        ref_loss,
+        xp=xp,
+        dtype=xp.float64,
+    )
+    per_sample = xp.expand_dims(_arr(xp, flags), axis=-1)
+    ref_loss, ref_grad = _kept_reference(x, t, flags, reduction="sum")
+    xp_assert_close(
+        xpsoftmax.cross_entropy(X, T, where=per_sample, reduction="sum"),
+        ref_loss,
+        xp=xp,
+        dtype=xp.float64,
+    )
+    grad = xpsoftmax.cross_entropy_backward(X, T, where=per_sample, reduction="sum")
+    xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_every_sample_masked(xp, kind, rng):
+    # "mean" of no counted sample: NaN (0 / 0, as torch with every target ignored); "sum" 0;
+    # the gradient 0. An index target needs no unmasked class when its sample is fully masked.
+    x = _logits(rng, (3, 4))
+    x[0, 1], x[1] = math.inf, math.nan  # dropped samples: their values do not matter
+    t = np.array([1, 2, 0]) if kind == "index" else _probs(rng, (3, 4), -1)
+    X, T = _arr(xp, x), _arr(xp, t)
+    for where in (np.zeros(3, dtype=bool), np.zeros((3, 4), dtype=bool)):
+        W = _arr(xp, where)
+        loss = xpsoftmax.cross_entropy(X, T, where=W)
+        xp_assert_equal(loss, np.asarray(math.nan), xp=xp, dtype=xp.float64)
+        for reduction in ("sum", "none"):
+            loss = xpsoftmax.cross_entropy(X, T, where=W, reduction=reduction)
+            xp_assert_equal(
+                loss, np.zeros(() if reduction == "sum" else 3), xp=xp, dtype=xp.float64
+            )
+        for reduction in REDUCTIONS:
+            grad = xpsoftmax.cross_entropy_backward(X, T, where=W, reduction=reduction)
+            xp_assert_equal(grad, np.zeros((3, 4)), xp=xp, dtype=xp.float64)
+
+
+def test_fully_masked_sample_of_a_class_mask_is_dropped(xp, rng):
+    # A per-class mask with a row of False: that sample is dropped (its index target on a masked
+    # class is then no error), with edge values in the kept rows.
+    x = _logits(rng, (5, 4))
+    x[0, 3], x[2, 0] = -math.inf, math.nan
+    mask = np.ones((5, 4), dtype=bool)
+    mask[1] = False
+    mask[2, 0] = False  # the NaN is masked out
+    mask[3, 2] = False
+    t = np.array([1, 2, 3, 0, 2])
+    keep = mask.any(axis=-1)
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.1}
+        ref_loss, ref_grad = _restricted_reference(x, t, mask, -1, reduction, 0.1)
+        X, T, M = _arr(xp, x), _arr(xp, t), _arr(xp, mask)
+        xp_assert_close(
+            xpsoftmax.cross_entropy(X, T, where=M, **kw), ref_loss, xp=xp, dtype=xp.float64
+        )
+        grad = xpsoftmax.cross_entropy_backward(X, T, where=M, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+        assert np.all(to_numpy(grad)[~keep] == 0.0)
+
+
+def test_per_sample_where_empty(xp):
+    x, keep = np.zeros((0, 4)), np.zeros((0,), dtype=bool)
+    for t in (np.zeros((0,), dtype=np.int64), np.zeros((0, 4))):
+        for reduction in REDUCTIONS:
+            ref_loss, ref_grad = torch_ce(x, t, reduction=reduction)
+            X, T, W = _arr(xp, x), _arr(xp, t), _arr(xp, keep)
+            loss = xpsoftmax.cross_entropy(X, T, where=W, reduction=reduction)
+            xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+            grad = xpsoftmax.cross_entropy_backward(X, T, where=W, reduction=reduction)
+            xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -526,7 +676,9 @@ def test_validation_errors(func):
         ((x, t, 2), {}, ValueError, "out of bounds"),
         ((np.float64(1.0), np.int64(0)), {}, ValueError, "at least one dimension"),
         ((x + 1j, t), {}, TypeError, "complex"),
-        ((x, t), {"where": np.ones(3, dtype=bool)}, ValueError, "where of shape"),
+        ((x, t), {"where": np.ones(2, dtype=bool)}, ValueError, "where of shape"),
+        ((x, t), {"where": np.ones((3, 1, 1), dtype=bool)}, ValueError, "per-sample loss shape"),
+        ((x, t), {"where": np.ones(3)}, TypeError, "where must be a boolean array"),
     ]
     for args, kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):

@@ -142,9 +142,10 @@ class XentCall:
         Class indices as int64 with ignored entries kept (what the kernels read).
     ignore : int or None
     valid : array of bool or None
-        The non-ignored samples; None when nothing can be ignored.
+        The counted samples: not ignored, and with an unmasked class where there is a mask;
+        None when every sample counts.
     mask : array of bool or None
-        ``where`` broadcast to the input's shape.
+        ``where`` broadcast to the input's shape (a per-sample mask expanded along ``axis``).
     mode : str
         The kernel mode in effect.
     reduction : str

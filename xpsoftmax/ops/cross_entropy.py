@@ -21,6 +21,8 @@ from .._call import (
     CROSS_ENTROPY_VJP,
     Op,
     XentCall,
+    _broadcasts_to,
+    _same_shape,
     float_dtype,
     is_empty,
     mask,
@@ -158,7 +160,9 @@ def prepare(
             f"array), got dtype {targets.dtype}"
         )
         raise TypeError(msg)
-    m = mask(xp, x, where)
+    m = _xent_mask(xp, x, x_name, where, ax, loss_shape)
+    # Samples with no unmasked class: 0 loss, 0 gradient, left out of the mean.
+    kept = None if m is None else xp.any(m, axis=ax)
     ctype = compute_dtype(xp, dtype)
     x_in = x if x.dtype == dtype else xp.astype(x, dtype)
     index = valid = None
@@ -183,7 +187,9 @@ def prepare(
             valid = targets != ignore
             targets = xp.where(valid, targets, xp.zeros_like(targets))
         if not _is_lazy(targets):
-            _check_indices(xp, targets, valid, m, ax, x.shape[ax], x_name)
+            _check_indices(xp, targets, valid, m, kept, ax, x.shape[ax], x_name)
+    if kept is not None:
+        valid = kept if valid is None else valid & kept
     mode = _config.get_kernels()
     w = _check_weight(xp, x, x_name, weight, x.shape[ax], ctype)
     return XentCall(
@@ -204,6 +210,25 @@ def prepare(
         eps,
         weight=w,
     )
+
+
+def _xent_mask(
+    xp: Any, x: Array, x_name: str, where: Any, ax: int, loss_shape: tuple[int, ...]
+) -> Array | None:
+    """``where`` broadcast to ``x``'s shape: a per-class mask (broadcastable to ``x``) as it is,
+    a per-sample mask (of the loss shape, not broadcastable to ``x``) expanded along ``ax``."""
+    if where is not None and not isinstance(where, bool):
+        where = same_namespace(xp, x, x_name, where, "where")
+        w_shape, x_shape = tuple(where.shape), tuple(x.shape)
+        if not _broadcasts_to(w_shape, x_shape):
+            if not _same_shape(w_shape, loss_shape):
+                msg = (
+                    f"where of shape {w_shape} neither broadcasts to {x_name} of shape "
+                    f"{x_shape} nor has the per-sample loss shape {loss_shape}"
+                )
+                raise ValueError(msg)
+            where = xp.expand_dims(where, axis=ax)
+    return mask(xp, x, where)
 
 
 def _check_weight(xp: Any, x: Array, x_name: str, weight: Any, n: int, ctype: Any) -> Any:
@@ -251,7 +276,14 @@ def _check_block(block: Any, n: int, ignore: int | None, where: tuple[int, str])
 
 
 def _check_indices(
-    xp: Any, t: Array, valid: Array | None, mask: Array | None, ax: int, n: int, x_name: str
+    xp: Any,
+    t: Array,
+    valid: Array | None,
+    mask: Array | None,
+    kept: Array | None,
+    ax: int,
+    n: int,
+    x_name: str,
 ) -> None:
     if is_empty(tuple(t.shape)):
         return
@@ -262,7 +294,7 @@ def _check_indices(
         lo, hi = int(xp.min(t)), int(xp.max(t))
         raise _range_error(lo if lo < 0 else hi, n, ax, x_name)
     if mask is not None:
-        hit = pick(xp, mask, t, ax)
+        hit = pick(xp, mask, t, ax) | ~kept  # a fully masked sample is left out, not an error
         if valid is not None:
             hit = hit | ~valid
         if not bool(xp.all(hit)):
@@ -349,9 +381,10 @@ def cross_entropy(
         equals ``torch.nn.functional.cross_entropy(x, t)``.
     reduction : {"mean", "sum", "none"}, optional
         ``"none"``: one loss per sample (``logits``' shape without ``axis``); ``"sum"``: their
-        sum; ``"mean"`` (default): the sum divided by the number of non-ignored samples for index
-        targets (NaN when all are ignored, as in torch), by the number of samples for
-        probability targets.
+        sum; ``"mean"`` (default): the sum divided by the number of counted samples, those not
+        ignored (``ignore_index``) and not fully masked (``where``); NaN when none counts, as
+        in torch when all are ignored. With class weights and index targets, the divisor is
+        the sum of ``weight[t]`` over the counted samples.
     label_smoothing : float, optional
         In ``[0, 1]``; mixes the target distribution with the uniform one, as torch does for
         both kinds of targets.
@@ -360,12 +393,17 @@ def cross_entropy(
         the mean. ``None`` (default) ignores nothing; pass ``-100`` for torch's default. Only for
         index targets (``ValueError`` with probability targets).
     where : array of bool, optional
-        Broadcastable to ``logits``: classes where it is False are left out, as in
+        Per class, broadcastable to ``logits``: classes where it is False are left out, as in
         :func:`~xpsoftmax.softmax`. The loss is that of the sample restricted to its unmasked
         classes: they take no part in the normalization, probability targets on them are
         dropped, label smoothing spreads over the unmasked classes only (``n`` is their count),
         and their gradient is exactly 0. An index target on a masked class raises
-        ``ValueError``.
+        ``ValueError``. Or per sample, as optax's: of the loss's shape (``logits``' shape without
+        ``axis``) and *not* broadcastable to ``logits``, it is expanded along ``axis``, a False
+        masking every class of its sample. A shape that is both (``logits`` (4, 4), ``where``
+        (4,)) is per class; pass ``xp.expand_dims(where, axis=axis)`` to mean per sample. A
+        sample with every class masked, either way, contributes 0 loss and 0 gradient and is
+        left out of ``"mean"``, whatever its target.
     weight : array, optional
         Class weights, as torch's ``weight=``: a 1-D real floating array of ``logits``'
         namespace with one entry per class. Each class term of the loss is multiplied by its
@@ -397,6 +435,10 @@ def cross_entropy(
     run one fused kernel that reads each row of logits once (online max and sum; on torch, the
     backward of autograd is the fused gradient kernel); other cases take the generic path. Rows of
     logits with ``+inf``, ``-inf`` or NaN follow :func:`~xpsoftmax.log_softmax`.
+
+    torch has no ``where``; a fully masked sample is 0 as in optax (which has no reduction) and
+    is left out of ``"mean"`` as torch leaves out ignored samples, so that masking a sample
+    equals dropping it.
 
     Examples
     --------
