@@ -179,6 +179,34 @@ def test_probability_targets_promote_dtype(xp, rng):
     xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64, rtol=1e-6)
 
 
+@pytest.mark.parametrize(
+    ("shape", "t_shape", "axis"),
+    [((6, 5), (1, 5), -1), ((6, 5), (5,), -1), ((4, 3, 5), (3, 1), 1), ((4, 3, 5), (4, 1, 5), 0)],
+)
+def test_probability_targets_broadcast(xp, shape, t_shape, axis, rng):
+    # As TensorFlow's softmax_cross_entropy_with_logits: against torch on the expanded targets.
+    x = _logits(rng, shape)
+    t = _probs(rng, t_shape, axis if len(t_shape) == len(shape) else -1)
+    full = np.broadcast_to(t, shape).copy()
+    w = rng.uniform(0.1, 3.0, size=shape[axis])
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.2}
+        ref_loss, ref_grad = torch_ce(x, full, axis, weight=torch.tensor(w), **kw)
+        X, T, W = _arr(xp, x), _arr(xp, t), xp.asarray(w)
+        loss = xpsoftmax.cross_entropy(X, T, axis, weight=W, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+        grad = xpsoftmax.cross_entropy_backward(X, T, axis, weight=W, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+
+
+def test_index_targets_do_not_broadcast():
+    x = np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"without axis -1, \(3,\), got \(1,\)"):
+        xpsoftmax.cross_entropy(x, np.array([1]))
+    with pytest.raises(ValueError, match=r"or broadcast to it, got \(2, 4\)"):
+        xpsoftmax.cross_entropy(x, np.full((2, 4), 0.25))
+
+
 # --------------------------------------------------------------------------------------------
 # dloss, dtypes
 

@@ -163,6 +163,21 @@ def test_nll_and_cross_entropy_class_weights_are_torchs(xp, reduction, kind, rng
     _check(xp, loss, p, t, ref_ce, dloss=dloss)
 
 
+@pytest.mark.parametrize("cls", [NLL, CrossEntropy])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_targets_broadcast(xp, cls, reduction, rng):
+    # one distribution (5,) for every sample, as torch's elementwise broadcasting would apply it
+    p, t = _probs(rng), _probs(rng, (SHAPE[1],))
+
+    def ref(pred, t):
+        lp = pred if cls is NLL else torch.log(pred)
+        per_sample = -(t * lp).sum(-1)
+        return {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+
+    pred = np.log(p) if cls is NLL else p
+    _check(xp, cls(reduction), pred, t, ref, dloss=_dloss(rng, reduction, SHAPE[0]))
+
+
 def test_loss_weight_validation():
     p, t = _probs(np.random.default_rng(0)), np.zeros(SHAPE[0], dtype=np.int64)
     with pytest.raises(ValueError, match="weight must be 1-D"):

@@ -196,7 +196,8 @@ class NLL(_LogLikelihood):
     ``pred`` holds log-probabilities (the output of :class:`~xpsoftmax.LogSoftmax`), classes
     along ``axis``. The loss of a sample is ``-pred[target]`` for a class index and
     ``-sum(target * pred, axis)`` for probability targets (a zero target probability contributes
-    0, even against ``-inf``).
+    0, even against ``-inf``). Class indices have ``pred``'s shape without ``axis``; probability
+    targets have ``pred``'s shape or broadcast to it (one distribution for all samples, say).
 
     Parameters
     ----------

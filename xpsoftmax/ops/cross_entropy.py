@@ -124,7 +124,8 @@ def prepare(
     """Validate an input, its targets, the class axis, ``ignore_index`` and ``where``.
 
     Targets with an integer dtype are class indices, of the input's shape without ``axis``;
-    targets with a real floating dtype are probabilities, of the input's shape. Index values are
+    targets with a real floating dtype are probabilities, of the input's shape or broadcast to
+    it. Index values are
     checked against the number of classes (and the mask) at once; on Dask the range check runs
     in the graph, when the result is computed, and under ``jax.jit`` values are not checked.
     """
@@ -144,12 +145,15 @@ def prepare(
             raise ValueError(msg)
     elif xp.isdtype(targets.dtype, "real floating"):
         kind = "prob"
-        if tuple(targets.shape) != tuple(x.shape):
-            msg = (
-                f"probability targets must have the shape of {x_name}, {tuple(x.shape)}, got "
-                f"{tuple(targets.shape)} (class-index targets need an integer dtype)"
-            )
-            raise ValueError(msg)
+        t_shape, x_shape = tuple(targets.shape), tuple(x.shape)
+        if not _same_shape(t_shape, x_shape):
+            if not _broadcasts_to(t_shape, x_shape):
+                msg = (
+                    f"probability targets must have the shape of {x_name}, {x_shape}, or "
+                    f"broadcast to it, got {t_shape} (class-index targets need an integer dtype)"
+                )
+                raise ValueError(msg)
+            targets = xp.broadcast_to(targets, x.shape)
         if ignore is not None:
             msg = "ignore_index applies only to class-index targets, not to probability targets"
             raise ValueError(msg)
@@ -373,9 +377,11 @@ def cross_entropy(
         Unnormalized scores, classes along ``axis``. Integer input promotes to the default
         floating dtype; float16 is computed in float32 and rounded once.
     targets : array
-        Either class indices, an integer array of ``logits``' shape without ``axis`` (no one-hot
-        matrix is formed), or probabilities, a real floating array of ``logits``' shape (the
-        result dtype is then ``result_type(logits, targets)``).
+        Either class indices, an integer array of ``logits``' shape without ``axis`` exactly (no
+        one-hot matrix is formed), or probabilities, a real floating array of ``logits``' shape
+        or broadcastable to it, as in TensorFlow's ``softmax_cross_entropy_with_logits`` (one
+        distribution of shape ``(n,)`` for every sample, say; the result dtype is then
+        ``result_type(logits, targets)``).
     axis : int, optional
         The class axis (default ``-1``). torch's class axis is 1: ``cross_entropy(x, t, 1)``
         equals ``torch.nn.functional.cross_entropy(x, t)``.
@@ -438,7 +444,8 @@ def cross_entropy(
 
     torch has no ``where``; a fully masked sample is 0 as in optax (which has no reduction) and
     is left out of ``"mean"`` as torch leaves out ignored samples, so that masking a sample
-    equals dropping it.
+    equals dropping it. torch wants probability targets of the logits' shape; here they
+    broadcast, as in TensorFlow, so one shared distribution need not be copied per sample.
 
     Examples
     --------
