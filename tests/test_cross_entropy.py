@@ -139,6 +139,116 @@ def test_class_axis(xp, axis, kind, rng):
     _check(xp, x, t, axis, reduction="mean", label_smoothing=0.1, **kw)
 
 
+def torch_ce_axes(x, t, axes, *, dloss=None, where=None, **kwargs):
+    """torch's loss and autograd gradient with class axes ``axes`` (sorted): the logits (and
+    probability targets, ``where``) permuted and reshaped in the torch graph, classes at 1."""
+    rest = [i for i in range(x.ndim) if i not in axes]
+    lead, n = [x.shape[i] for i in rest], math.prod(x.shape[i] for i in axes)
+
+    def flat(a):
+        a = a.permute(*rest, *axes).reshape(*lead, n)
+        return torch.movedim(a, -1, 1) if a.ndim > 1 else a
+
+    X = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    logits = X
+    if where is not None:  # the masked classes: -inf logits, as in torch's own masking
+        logits = torch.where(torch.from_numpy(np.broadcast_to(where, x.shape).copy()), X, -math.inf)
+    if np.issubdtype(t.dtype, np.integer):
+        T = torch.tensor(t, dtype=torch.int64)
+    else:
+        T = flat(torch.tensor(np.broadcast_to(t, x.shape).copy(), dtype=torch.float64))
+    loss = F.cross_entropy(flat(logits), T, **kwargs)
+    dloss = np.ones(tuple(loss.shape)) if dloss is None else dloss
+    loss.backward(torch.tensor(np.asarray(dloss, dtype=np.float64)))
+    return loss.detach().numpy(), X.grad.numpy()
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [
+        ((3, 4, 2, 5), (1, 2)),
+        ((4, 3, 5), (0, 2)),
+        ((3, 2, 4), (-1, -2)),
+        ((2, 3), (0, 1)),
+        ((4, 3, 5), (1,)),
+    ],
+)
+@pytest.mark.parametrize("kind", ["index", "prob", "weighted"])
+def test_tuple_class_axes_match_torch_on_the_flattened_classes(xp, kind, shape, axes, rng):
+    # optax's axis=(1, 2): the classes are the flattened product of the axes (C order).
+    norm = tuple(sorted(a % len(shape) for a in axes))
+    loss_shape = tuple(d for i, d in enumerate(shape) if i not in norm)
+    n = math.prod(shape[i] for i in norm)
+    x = _logits(rng, shape)
+    kw = {"label_smoothing": 0.1}
+    if kind == "prob":
+        t = rng.random(shape) + 0.05
+        t /= t.sum(axis=norm, keepdims=True)
+    else:
+        t = _indices(rng, loss_shape, n, -100, n_ignored=1 if loss_shape else 0)
+        kw["ignore_index"] = -100
+    tkw = dict(kw)
+    if kind == "weighted":
+        w = rng.uniform(0.1, 3.0, size=n)
+        kw["weight"], tkw["weight"] = xp.asarray(w), torch.tensor(w)
+    for reduction in REDUCTIONS:
+        dloss = rng.standard_normal(loss_shape) if reduction == "none" else 0.6
+        ref_loss, ref_grad = torch_ce_axes(x, t, norm, dloss=dloss, reduction=reduction, **tkw)
+        X, T = _arr(xp, x), _arr(xp, t)
+        loss = xpsoftmax.cross_entropy(X, T, axes, reduction=reduction, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64, err_msg=reduction)
+        dl = _arr(xp, dloss) if reduction == "none" else dloss
+        grad = xpsoftmax.cross_entropy_backward(X, T, axes, reduction=reduction, dloss=dl, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64, err_msg=reduction)
+
+
+def test_tuple_class_axes_with_masks_and_broadcast_targets(xp, rng):
+    x = _logits(rng, (3, 4, 2, 5))
+    axes = (1, 2)
+    mask = rng.random((1, 4, 2, 5)) > 0.3  # per class, broadcast over the first axis
+    mask[..., 0] = True
+    t = _probs(rng, (4, 2, 1), None) * np.ones((1, 1, 5))  # one distribution per column, shared
+    keep = np.array([[True, False, True, True, True]] * 3)  # per sample: the loss shape (3, 5)
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.2}
+        ref_loss, ref_grad = _restricted_axes_reference(x, t, axes, mask, reduction, 0.2)
+        X, T, M = _arr(xp, x), _arr(xp, t[:, :, 0][..., None]), _arr(xp, mask)
+        loss = xpsoftmax.cross_entropy(X, T, axes, where=M, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+        grad = xpsoftmax.cross_entropy_backward(X, T, axes, where=M, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+        # per sample: a dropped sample (3, 5)[:, 1] is as if absent
+        ti = _indices(rng, (3, 5), 8)
+        ref_loss, ref_grad = torch_ce_axes(
+            x[..., keep[0]], ti[:, keep[0]], axes, reduction=reduction, label_smoothing=0.2
+        )
+        if reduction == "none":
+            ref_loss = np.zeros((3, 5))
+            ref_loss[:, keep[0]] = torch_ce_axes(
+                x[..., keep[0]], ti[:, keep[0]], axes, reduction="none", label_smoothing=0.2
+            )[0]
+        full = np.zeros_like(x)
+        full[..., keep[0]] = ref_grad
+        K, TI = _arr(xp, keep), _arr(xp, ti)
+        loss = xpsoftmax.cross_entropy(X, TI, axes, where=K, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+        grad = xpsoftmax.cross_entropy_backward(X, TI, axes, where=K, **kw)
+        xp_assert_close(grad, full, xp=xp, dtype=xp.float64)
+
+
+def _restricted_axes_reference(x, t, axes, mask, reduction, eps):
+    """_restricted_reference on the flattened classes of ``axes`` (of a 4-D ``x``, axes (1, 2)),
+    the gradient put back in the input's layout."""
+    assert axes == (1, 2) and x.ndim == 4
+    b, c1, c2, s = x.shape
+
+    def flat(a):
+        return np.broadcast_to(a, x.shape).reshape(b, c1 * c2, s)
+
+    loss, grad = _restricted_reference(flat(x), flat(t), flat(mask).copy(), 1, reduction, eps)
+    return loss, grad.reshape(x.shape)
+
+
 @pytest.mark.parametrize("kind", ["index", "prob"])
 def test_unbatched_1d(xp, kind, rng):
     x = _logits(rng, (6,))
@@ -700,7 +810,13 @@ def test_validation_errors(func):
         ((x, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
         ((x, t), {"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
         ((x, np.full((3, 4), 0.25)), {"ignore_index": -100}, ValueError, "only to class-index"),
-        ((x, t, (0, 1)), {}, TypeError, "axis must be a single int"),
+        ((x, np.array(0), (0, 1, 0)), {}, ValueError, "repeated axis"),
+        ((x, t, ()), {}, TypeError, "non-empty tuple of ints"),
+        ((x, t, (0, 1.0)), {}, TypeError, "axis must be an int or a non-empty tuple"),
+        ((x, t, None), {}, TypeError, "axis must be an int or a non-empty tuple"),
+        ((x, t, (0, 1)), {}, ValueError, r"without axes \(0, 1\), \(\), got \(3,\)"),
+        ((x, np.array(12), (0, 1)), {}, ValueError, "index 12, out of range for 12 classes "),
+        ((x, t), {"weight": np.ones(4), "axis": None}, TypeError, "axis must be an int"),
         ((x, t, 2), {}, ValueError, "out of bounds"),
         ((np.float64(1.0), np.int64(0)), {}, ValueError, "at least one dimension"),
         ((x + 1j, t), {}, TypeError, "complex"),

@@ -155,6 +155,11 @@ class XentCall:
         The upstream gradient of :data:`CROSS_ENTROPY_VJP` (checked), else None.
     weight : array or None
         Class weights (1-D, one per class, compute dtype), or None.
+    layout : tuple or None
+        ``(shape, axes)`` when the input as given had several class axes ``axes`` (sorted):
+        the arrays here have them moved to the end and flattened into ``axis``, the last
+        (C order), and ``ops.cross_entropy.restore`` puts a gradient back into ``shape``.
+        None for one class axis.
     """
 
     op: Op
@@ -174,6 +179,7 @@ class XentCall:
     eps: float = 0.0
     dloss: Array | float | None = None
     weight: Array | None = None
+    layout: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     empty = False  # the backends handle empty inputs themselves
     out = None  # cross-entropy has no out=
 

@@ -10,6 +10,7 @@ probabilities or log-probabilities and share the generic code of
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import Any
 
@@ -42,6 +43,7 @@ __all__ = [
     "cross_entropy",
     "cross_entropy_backward",
     "prepare",
+    "restore",
     "validate_dloss",
 ]
 
@@ -79,14 +81,35 @@ def _check_ignore_index(ignore_index: Any) -> int | None:
     return operator.index(ignore_index)
 
 
-def _class_axis(axis: Any, ndim: int, name: str) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        msg = f"axis must be a single int (the class axis), got {axis!r}"
+def _class_axes(axis: Any, ndim: int, name: str) -> tuple[int, ...]:
+    """The class axes, sorted and non-negative: one int, or a non-empty tuple of ints."""
+    items = axis if isinstance(axis, tuple) else (axis,)
+    if not items or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in items):
+        msg = f"axis must be an int or a non-empty tuple of ints (the class axes), got {axis!r}"
         raise TypeError(msg)
     if ndim == 0:
         msg = f"{name} must have at least one dimension (the classes), got a 0-d array"
         raise ValueError(msg)
-    return normalize_axes(axis, ndim)[0]
+    return normalize_axes(axis, ndim)
+
+
+def _classes_last(xp: Any, a: Array, axes: tuple[int, ...]) -> Array:
+    """``a`` with its class axes ``axes`` moved to the end and flattened into one (C order)."""
+    rest = tuple(i for i in range(a.ndim) if i not in axes)
+    n = math.prod(a.shape[i] for i in axes)
+    return xp.reshape(xp.permute_dims(a, rest + axes), tuple(a.shape[i] for i in rest) + (n,))
+
+
+def restore(p: XentCall, a: Array) -> Array:
+    """An array of the call's input shape (``p.x_in``) in the layout of the input as given:
+    the flattened class axis of several class axes put back where they were."""
+    if p.layout is None:
+        return a
+    shape, axes = p.layout
+    rest = tuple(i for i in range(len(shape)) if i not in axes)
+    order = rest + axes
+    a = p.xp.reshape(a, tuple(shape[i] for i in order))
+    return p.xp.permute_dims(a, tuple(order.index(i) for i in range(len(shape))))
 
 
 def _is_lazy(x: Array) -> bool:
@@ -131,15 +154,18 @@ def prepare(
     """
     xp, x = namespace(x, x_name)
     dtype = float_dtype(xp, x, x_name)
-    ax = _class_axis(axis, x.ndim, x_name)
+    axes = _class_axes(axis, x.ndim, x_name)
+    # for the messages
+    label = f"axis {axes[0]}" if len(axes) == 1 else f"axes {axes}"
+    given = f"axes {axis}" if isinstance(axis, tuple) else f"axis {axis}"
     targets = same_namespace(xp, x, x_name, targets, "targets")
     ignore = _check_ignore_index(ignore_index)
-    loss_shape = tuple(d for i, d in enumerate(x.shape) if i != ax)
+    loss_shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
     if xp.isdtype(targets.dtype, "integral"):
         kind = "index"
         if tuple(targets.shape) != loss_shape:
             msg = (
-                f"class-index targets must have the shape of {x_name} without axis {axis}, "
+                f"class-index targets must have the shape of {x_name} without {given}, "
                 f"{loss_shape}, got {tuple(targets.shape)}"
             )
             raise ValueError(msg)
@@ -164,24 +190,33 @@ def prepare(
             f"array), got dtype {targets.dtype}"
         )
         raise TypeError(msg)
-    m = _xent_mask(xp, x, x_name, where, ax, loss_shape)
+    m = _xent_mask(xp, x, x_name, where, axes, loss_shape)
+    layout = None
+    if len(axes) > 1:
+        # Several class axes: one problem along a last axis of their product, the gradient
+        # put back by restore().
+        layout = (tuple(x.shape), axes)
+        x = _classes_last(xp, x, axes)
+        m = None if m is None else _classes_last(xp, m, axes)
+        if kind == "prob":
+            targets = _classes_last(xp, targets, axes)
+    ax = axes[0] if layout is None else x.ndim - 1
     # Samples with no unmasked class: 0 loss, 0 gradient, left out of the mean.
     kept = None if m is None else xp.any(m, axis=ax)
     ctype = compute_dtype(xp, dtype)
     x_in = x if x.dtype == dtype else xp.astype(x, dtype)
     index = valid = None
+    n = x.shape[ax]
     if kind == "prob":
         targets = targets if targets.dtype == ctype else xp.astype(targets, ctype)
     else:
         if _compat.is_dask_array(targets):
             # Reading Dask values would compute: check each block when the graph runs instead
             # (before the cast below, which would wrap uint64 values of 2**63 and more).
-            check = functools.partial(
-                _check_block, n=x.shape[ax], ignore=ignore, where=(ax, x_name)
-            )
+            check = functools.partial(_check_block, n=n, ignore=ignore, where=(label, x_name))
             targets = targets.map_blocks(check, dtype=targets.dtype)
         elif targets.dtype == xp.uint64 and not _is_lazy(targets):
-            _check_unsigned(xp, targets, x.shape[ax], ax, x_name)
+            _check_unsigned(xp, targets, n, label, x_name)
         # int64, which torch's gather needs and which holds any ignore_index; JAX without x64
         # has no int64 and keeps its int32.
         if targets.dtype != xp.int64 and not _jax_int32_only(targets):
@@ -191,11 +226,11 @@ def prepare(
             valid = targets != ignore
             targets = xp.where(valid, targets, xp.zeros_like(targets))
         if not _is_lazy(targets):
-            _check_indices(xp, targets, valid, m, kept, ax, x.shape[ax], x_name)
+            _check_indices(xp, targets, valid, m, kept, ax, label, n, x_name)
     if kept is not None:
         valid = kept if valid is None else valid & kept
     mode = _config.get_kernels()
-    w = _check_weight(xp, x, x_name, weight, x.shape[ax], ctype)
+    w = _check_weight(xp, x, x_name, weight, n, ctype)
     return XentCall(
         op,
         xp,
@@ -213,14 +248,16 @@ def prepare(
         reduction,
         eps,
         weight=w,
+        layout=layout,
     )
 
 
 def _xent_mask(
-    xp: Any, x: Array, x_name: str, where: Any, ax: int, loss_shape: tuple[int, ...]
+    xp: Any, x: Array, x_name: str, where: Any, axes: tuple[int, ...], loss_shape: tuple[int, ...]
 ) -> Array | None:
     """``where`` broadcast to ``x``'s shape: a per-class mask (broadcastable to ``x``) as it is,
-    a per-sample mask (of the loss shape, not broadcastable to ``x``) expanded along ``ax``."""
+    a per-sample mask (of the loss shape, not broadcastable to ``x``) expanded along the class
+    axes ``axes``."""
     if where is not None and not isinstance(where, bool):
         where = same_namespace(xp, x, x_name, where, "where")
         w_shape, x_shape = tuple(where.shape), tuple(x.shape)
@@ -231,7 +268,8 @@ def _xent_mask(
                     f"{x_shape} nor has the per-sample loss shape {loss_shape}"
                 )
                 raise ValueError(msg)
-            where = xp.expand_dims(where, axis=ax)
+            for ax in axes:  # (increasing: each lands where it is in x)
+                where = xp.expand_dims(where, axis=ax)
     return mask(xp, x, where)
 
 
@@ -251,25 +289,25 @@ def _check_weight(xp: Any, x: Array, x_name: str, weight: Any, n: int, ctype: An
     return weight if weight.dtype == ctype else xp.astype(weight, ctype)
 
 
-def _range_error(bad: int, n: int, ax: int, x_name: str) -> ValueError:
+def _range_error(bad: int, n: int, label: str, x_name: str) -> ValueError:
     msg = (
-        f"targets contain the class index {bad}, out of range for {n} classes along axis "
-        f"{ax} of {x_name} (valid: 0 to {n - 1}, or ignore_index)"
+        f"targets contain the class index {bad}, out of range for {n} classes along "
+        f"{label} of {x_name} (valid: 0 to {n - 1}, or ignore_index)"
     )
     return ValueError(msg)
 
 
-def _check_unsigned(xp: Any, t: Array, n: int, ax: int, x_name: str) -> None:
+def _check_unsigned(xp: Any, t: Array, n: int, label: str, x_name: str) -> None:
     """uint64 indices of 2**63 and more, which int64 would wrap to negative numbers (and
     ``ignore_index=-100`` would then silently ignore): out of range, named as given."""
     if is_empty(tuple(t.shape)):
         return
     hi = int(xp.max(t))
     if hi > np.iinfo(np.int64).max:
-        raise _range_error(hi, n, ax, x_name)
+        raise _range_error(hi, n, label, x_name)
 
 
-def _check_block(block: Any, n: int, ignore: int | None, where: tuple[int, str]) -> Any:
+def _check_block(block: Any, n: int, ignore: int | None, where: tuple[str, str]) -> Any:
     """One NumPy block of Dask targets, checked when the graph is computed."""
     bad = (block < 0) | (block >= n)
     if ignore is not None:
@@ -286,6 +324,7 @@ def _check_indices(
     mask: Array | None,
     kept: Array | None,
     ax: int,
+    label: str,
     n: int,
     x_name: str,
 ) -> None:
@@ -296,7 +335,7 @@ def _check_indices(
         bad = bad & valid  # ignored samples hold 0 here, out of range only when n == 0
     if bool(xp.any(bad)):  # one device sync on the way that succeeds
         lo, hi = int(xp.min(t)), int(xp.max(t))
-        raise _range_error(lo if lo < 0 else hi, n, ax, x_name)
+        raise _range_error(lo if lo < 0 else hi, n, label, x_name)
     if mask is not None:
         hit = pick(xp, mask, t, ax) | ~kept  # a fully masked sample is left out, not an error
         if valid is not None:
@@ -356,9 +395,9 @@ def _start(op, logits, targets, axis, reduction, label_smoothing, ignore_index, 
 
 # fmt: off
 def cross_entropy(
-    logits: Array, targets: Array, /, axis: int = -1, *, reduction: str = "mean",
-    label_smoothing: float = 0.0, ignore_index: int | None = None, where: Array | None = None,
-    weight: Array | None = None,
+    logits: Array, targets: Array, /, axis: int | tuple[int, ...] = -1, *,
+    reduction: str = "mean", label_smoothing: float = 0.0, ignore_index: int | None = None,
+    where: Array | None = None, weight: Array | None = None,
 ) -> Array:
     # fmt: on
     r"""Cross-entropy between ``softmax(logits)`` and targets, computed from the logits.
@@ -382,9 +421,12 @@ def cross_entropy(
         or broadcastable to it, as in TensorFlow's ``softmax_cross_entropy_with_logits`` (one
         distribution of shape ``(n,)`` for every sample, say; the result dtype is then
         ``result_type(logits, targets)``).
-    axis : int, optional
+    axis : int or tuple of ints, optional
         The class axis (default ``-1``). torch's class axis is 1: ``cross_entropy(x, t, 1)``
-        equals ``torch.nn.functional.cross_entropy(x, t)``.
+        equals ``torch.nn.functional.cross_entropy(x, t)``. A tuple of axes, as optax's
+        ``axis=(1, 2)``: the classes are the flattened product of those axes (C order over the
+        axes in increasing order), index targets have ``logits``' shape without all of them and
+        index that flattened class space, ``weight`` has one entry per flattened class.
     reduction : {"mean", "sum", "none"}, optional
         ``"none"``: one loss per sample (``logits``' shape without ``axis``); ``"sum"``: their
         sum; ``"mean"`` (default): the sum divided by the number of counted samples, those not
@@ -464,9 +506,9 @@ def cross_entropy(
 
 # fmt: off
 def cross_entropy_backward(
-    logits: Array, targets: Array, /, axis: int = -1, *, reduction: str = "mean",
-    label_smoothing: float = 0.0, ignore_index: int | None = None, where: Array | None = None,
-    weight: Array | None = None, dloss: Array | float | None = None,
+    logits: Array, targets: Array, /, axis: int | tuple[int, ...] = -1, *,
+    reduction: str = "mean", label_smoothing: float = 0.0, ignore_index: int | None = None,
+    where: Array | None = None, weight: Array | None = None, dloss: Array | float | None = None,
 ) -> Array:
     # fmt: on
     r"""Gradient of :func:`cross_entropy` with respect to the logits.
@@ -504,4 +546,4 @@ def cross_entropy_backward(
         CROSS_ENTROPY_VJP, logits, targets, axis, reduction, label_smoothing, ignore_index, where,
         weight,
     )
-    return backends.run(p.derive(dloss=check_dloss(p, dloss, p.reduction)))
+    return restore(p, backends.run(p.derive(dloss=check_dloss(p, dloss, p.reduction))))
