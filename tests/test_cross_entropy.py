@@ -318,6 +318,152 @@ def test_index_targets_do_not_broadcast():
 
 
 # --------------------------------------------------------------------------------------------
+# the gradient with respect to probability targets
+
+
+def torch_target_grad(x, t, axis=-1, *, dloss=None, **kwargs):
+    """torch autograd's d(loss)/d(target) of F.cross_entropy, ``t`` broadcast in the torch graph
+    to ``x``'s shape (so the gradient is summed back to ``t``'s shape), class axis moved to 1."""
+    X = torch.tensor(x, dtype=torch.float64)
+    T = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    full = T.expand(x.shape)
+    if x.ndim > 1:
+        X, full = torch.movedim(X, axis, 1), torch.movedim(full, axis, 1)
+    loss = F.cross_entropy(X, full, **kwargs)
+    dloss = np.ones(tuple(loss.shape)) if dloss is None else dloss
+    loss.backward(torch.tensor(np.asarray(dloss, dtype=np.float64)))
+    return T.grad.numpy()
+
+
+def _target_grad(xp, x, t, axis=-1, **kwargs):
+    X, T = _arr(xp, x), _arr(xp, t)
+    kwargs = {k: xp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    return xpsoftmax.cross_entropy_backward(X, T, axis, wrt="targets", **kwargs)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_target_gradient_matches_torch(xp, reduction, label_smoothing, weighted, rng):
+    x, t = _logits(rng, (6, 5)), _probs(rng, (6, 5), -1)
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing}
+    tkw = dict(kw)
+    if weighted:
+        w = rng.uniform(0.1, 3.0, size=5)
+        kw["weight"], tkw["weight"] = w, torch.tensor(w)
+    dloss = rng.standard_normal(6) if reduction == "none" else -1.3
+    ref = torch_target_grad(x, t, dloss=dloss, **tkw)
+    dl = _arr(xp, dloss) if reduction == "none" else dloss
+    xp_assert_close(_target_grad(xp, x, t, dloss=dl, **kw), ref, xp=xp, dtype=xp.float64)
+    ref = torch_target_grad(x, t, **tkw)  # dloss None: 1
+    xp_assert_close(_target_grad(xp, x, t, **kw), ref, xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize(
+    ("shape", "t_shape", "axis"),
+    [((6, 5), (1, 5), -1), ((6, 5), (5,), -1), ((4, 3, 5), (3, 1), 1), ((4, 3, 5), (4, 3, 5), 0)],
+)
+def test_target_gradient_other_axes_and_broadcast_targets(xp, shape, t_shape, axis, rng):
+    # broadcast targets: the gradient is summed back to their shape, as autograd does
+    x = _logits(rng, shape)
+    t = _probs(rng, t_shape, axis if len(t_shape) == len(shape) else -1)
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.1}
+        got = _target_grad(xp, x, t, axis, **kw)
+        xp_assert_close(got, torch_target_grad(x, t, axis, **kw), xp=xp, dtype=xp.float64)
+
+
+def test_target_gradient_tuple_axes(xp, rng):
+    x = _logits(rng, (3, 4, 2, 5))
+    t = rng.random((3, 4, 2, 5))
+    X = torch.tensor(x)
+    T = torch.tensor(t, requires_grad=True)
+
+    def flat(a):
+        return a.permute(0, 3, 1, 2).reshape(3, 5, 8).movedim(-1, 1)
+
+    for reduction in REDUCTIONS:
+        T.grad = None
+        F.cross_entropy(flat(X), flat(T), reduction=reduction, label_smoothing=0.2).sum().backward()
+        got = _target_grad(xp, x, t, (1, 2), reduction=reduction, label_smoothing=0.2)
+        xp_assert_close(got, T.grad.numpy(), xp=xp, dtype=xp.float64)
+
+
+def _restricted_target_grad(x, t, mask, reduction, eps):
+    """torch's target gradient on each row's unmasked classes (2-D, classes last): 0 at masked
+    classes and for fully masked rows, which "mean" does not count."""
+    X, T = torch.tensor(x), torch.tensor(t, requires_grad=True)
+    losses = []
+    for i in range(x.shape[0]):
+        keep = torch.from_numpy(mask[i].copy())
+        if keep.any():
+            losses.append(F.cross_entropy(X[i][keep], T[i][keep], label_smoothing=eps))
+    total = torch.stack(losses).sum()
+    if reduction == "mean":
+        total = total / len(losses)
+    total.backward()
+    return T.grad.numpy()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_target_gradient_with_masks(xp, reduction, rng):
+    x, t = _logits(rng, (6, 5)), _probs(rng, (6, 5), -1)
+    x[0, 1] = -math.inf  # a masked -inf: 0, not NaN
+    mask = rng.random((6, 5)) > 0.3
+    mask[:, 0] = True
+    mask[0, 1] = False
+    mask[4] = False  # a fully masked sample: 0, not counted in "mean"
+    kw = {"reduction": reduction, "label_smoothing": 0.2}
+    ref = _restricted_target_grad(x, t, mask, reduction, 0.2)
+    got = _target_grad(xp, x, t, where=_arr(xp, mask), **kw)
+    xp_assert_close(got, ref, xp=xp, dtype=xp.float64)
+    assert np.all(to_numpy(got)[~mask] == 0.0)
+    # per sample
+    keep = np.array([True, True, False, True, False, True])
+    ref = _restricted_target_grad(x, t, np.repeat(keep[:, None], 5, axis=1), reduction, 0.2)
+    ref[0, 1] = math.inf  # the unmasked -inf logit: d/dt of -t * (-inf), as torch
+    got = _target_grad(xp, x, t, where=_arr(xp, keep), **kw)
+    xp_assert_close(got, ref, xp=xp, dtype=xp.float64)
+
+
+def test_target_gradient_edge_values(xp):
+    # float64 math: -(1 - eps) * log_softmax * scale; +inf, -inf and NaN follow log_softmax
+    inf, nan = math.inf, math.nan
+    x = np.array([[1.0, inf, 0.0, inf], [-inf, 1.0, 2.0, 0.0], [0.0, nan, 1.0, 1.0]])
+    t = np.full((3, 4), 0.25)
+    for eps in (0.0, 0.2):
+        ly = ref_softmax(x, -1, log=True)
+        kw = {"label_smoothing": eps}
+        got = _target_grad(xp, x, t, reduction="sum", **kw)
+        xp_assert_close(got, -(1 - eps) * ly, xp=xp, dtype=xp.float64)
+        got = _target_grad(xp, x, t, reduction="mean", **kw)
+        xp_assert_close(got, -(1 - eps) * ly / 3, xp=xp, dtype=xp.float64)
+
+
+def test_target_gradient_empty_and_dtype(xp, rng):
+    for reduction in REDUCTIONS:
+        got = _target_grad(xp, np.zeros((0, 4)), np.zeros((0, 4)), reduction=reduction)
+        xp_assert_equal(got, np.zeros((0, 4)), xp=xp, dtype=xp.float64)
+    # float32 logits, float64 targets: the loss's dtype, float64
+    x, t = _logits(rng, (3, 4)).astype(np.float32), _probs(rng, (3, 4), -1)
+    got = _target_grad(xp, x, t)
+    ref = torch_target_grad(x.astype(np.float64), t)
+    xp_assert_close(got, ref, xp=xp, dtype=xp.float64, rtol=1e-6)
+
+
+def test_wrt_validation():
+    x, t, q = np.zeros((3, 4)), np.array([0, 1, 2]), np.full((3, 4), 0.25)
+    f = xpsoftmax.cross_entropy_backward
+    with pytest.raises(ValueError, match="class indices are not differentiable"):
+        f(x, t, wrt="targets")
+    for bad in ("target", "input", None, 1):
+        with pytest.raises(ValueError, match="wrt must be one of 'logits', 'targets', got"):
+            f(x, q, wrt=bad)
+    with pytest.raises(ValueError, match="dloss must be a scalar"):
+        f(x, q, wrt="targets", dloss=np.ones(3))
+
+
+# --------------------------------------------------------------------------------------------
 # dloss, dtypes
 
 
@@ -786,6 +932,12 @@ def test_jax_jit(rng):
     # and jax's own autodiff of our loss agrees with our backward
     auto = jax.grad(lambda a: xpsoftmax.cross_entropy(a, xp.asarray(t), **kw))(xp.asarray(x))
     xp_assert_close(auto, ref_grad, xp=xp, dtype=xp.float64)
+    # the gradient with respect to (broadcast) probability targets, traced
+    q, kw = _probs(rng, (5,), 0), {"label_smoothing": 0.2}
+    got = jax.jit(lambda a, b: xpsoftmax.cross_entropy_backward(a, b, wrt="targets", **kw))(
+        xp.asarray(x), xp.asarray(q)
+    )
+    xp_assert_close(got, torch_target_grad(x, q, **kw), xp=xp, dtype=xp.float64)
 
 
 # --------------------------------------------------------------------------------------------

@@ -40,8 +40,9 @@ class Op:
     """An operation: its public name, its kind, and whether it is the log-softmax variant.
 
     ``kind`` is ``"forward"`` (one input ``x``), ``"vjp"`` or ``"jvp"`` (the forward output and a
-    cotangent or tangent), ``"jacobian"`` (the forward output), ``"xent"`` or ``"xent_vjp"``
-    (logits and targets, in an :class:`XentCall`).
+    cotangent or tangent), ``"jacobian"`` (the forward output), ``"xent"``, ``"xent_vjp"`` or
+    ``"xent_target_vjp"`` (logits and targets, in an :class:`XentCall`; the last is the gradient
+    with respect to probability targets).
     """
 
     name: str
@@ -58,6 +59,7 @@ LOG_SOFTMAX_JVP = Op("log_softmax_jvp", "jvp", log=True)
 JACOBIAN = Op("softmax_jacobian", "jacobian")
 CROSS_ENTROPY = Op("cross_entropy", "xent", log=True)
 CROSS_ENTROPY_VJP = Op("cross_entropy_backward", "xent_vjp", log=True)
+CROSS_ENTROPY_TARGET_VJP = Op("cross_entropy_backward", "xent_target_vjp", log=True)
 
 #: The kinds whose result has the input's shape and whose rows normalize along ``axes``.
 ROW_KINDS = frozenset(("forward", "vjp", "jvp"))
@@ -124,7 +126,7 @@ class XentCall:
     Attributes
     ----------
     op : Op
-        :data:`CROSS_ENTROPY` or :data:`CROSS_ENTROPY_VJP`.
+        :data:`CROSS_ENTROPY`, :data:`CROSS_ENTROPY_VJP` or :data:`CROSS_ENTROPY_TARGET_VJP`.
     xp : namespace
     x_in : array
         The input (logits, or log-probabilities for the losses) in the result dtype: what the
@@ -152,7 +154,7 @@ class XentCall:
     eps : float
         The label smoothing.
     dloss : array or float or None
-        The upstream gradient of :data:`CROSS_ENTROPY_VJP` (checked), else None.
+        The upstream gradient of the two VJPs (checked), else None.
     weight : array or None
         Class weights (1-D, one per class, compute dtype), or None.
     layout : tuple or None

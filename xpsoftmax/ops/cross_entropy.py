@@ -19,6 +19,7 @@ import numpy as np
 from .. import _compat, _config, backends
 from .._call import (
     CROSS_ENTROPY,
+    CROSS_ENTROPY_TARGET_VJP,
     CROSS_ENTROPY_VJP,
     Op,
     XentCall,
@@ -38,6 +39,7 @@ Array = Any
 
 __all__ = [
     "REDUCTIONS",
+    "WRT",
     "check_dloss",
     "check_reduction",
     "cross_entropy",
@@ -504,20 +506,31 @@ def cross_entropy(
     return backends.run(p)
 
 
+#: What :func:`cross_entropy_backward` differentiates with respect to.
+WRT = ("logits", "targets")
+
+
 # fmt: off
 def cross_entropy_backward(
     logits: Array, targets: Array, /, axis: int | tuple[int, ...] = -1, *,
     reduction: str = "mean", label_smoothing: float = 0.0, ignore_index: int | None = None,
     where: Array | None = None, weight: Array | None = None, dloss: Array | float | None = None,
+    wrt: str = "logits",
 ) -> Array:
     # fmt: on
-    r"""Gradient of :func:`cross_entropy` with respect to the logits.
+    r"""Gradient of :func:`cross_entropy` with respect to the logits (or the targets).
 
     With the same arguments as :func:`cross_entropy` it returns
     ``(softmax(logits) * sum(q) - q) * w``, ``q`` the sample's target distribution (``sum(q)``
     is 1 unless probability targets do not sum to 1) and ``w`` its weight: ``dloss`` (times
-    ``1 / count`` for ``"mean"``), 0 for ignored samples. It equals torch autograd's gradient of
-    :func:`torch.nn.functional.cross_entropy`.
+    ``1 / count`` for ``"mean"``), 0 for samples left out (ignored, fully masked). It equals
+    torch autograd's gradient of :func:`torch.nn.functional.cross_entropy`.
+
+    With ``wrt="targets"`` it returns the gradient with respect to probability targets,
+    ``-(1 - label_smoothing) * weight * ly * w`` for ``ly = log_softmax(logits, axis)``
+    (restricted to the unmasked classes), as torch autograd gives it for the ``target`` of
+    :func:`torch.nn.functional.cross_entropy` (and TensorFlow for the ``labels`` of
+    ``softmax_cross_entropy_with_logits`` v2).
 
     Parameters
     ----------
@@ -527,12 +540,24 @@ def cross_entropy_backward(
         The upstream gradient d(total)/d(loss): a scalar for ``"mean"`` and ``"sum"``, a scalar
         or an array of the per-sample loss shape for ``"none"``. ``None`` (default) is 1, the
         gradient of the loss itself (of its sum for ``"none"``).
+    wrt : {"logits", "targets"}, optional
+        What to differentiate with respect to: the logits (default), or the targets, which must
+        then be probabilities (class indices are not differentiable: ``ValueError``).
 
     Returns
     -------
     array
         ``d(loss)/d(logits)``: the namespace, device and shape of ``logits``, the dtype of the
-        :func:`cross_entropy` result. Masked classes and ignored samples get exactly 0.
+        :func:`cross_entropy` result; or for ``wrt="targets"`` ``d(loss)/d(targets)``, of the
+        shape of ``targets`` as given (summed over the axes they were broadcast along) and the
+        same dtype. Masked classes and samples left out get exactly 0 (also where ``ly`` is
+        ``-inf``).
+
+    Notes
+    -----
+    For ``wrt="targets"`` the result has the dtype of the loss, ``result_type(logits,
+    targets)``, where torch's ``target.grad`` has the targets' dtype: one dtype for both
+    gradients, as for the loss itself.
 
     Examples
     --------
@@ -541,9 +566,33 @@ def cross_entropy_backward(
     >>> g = xpsoftmax.cross_entropy_backward(np.zeros((1, 4)), np.array([1]))
     >>> g  # softmax minus one-hot, for the mean over one sample
     array([[ 0.25, -0.75,  0.25,  0.25]])
+    >>> xpsoftmax.cross_entropy_backward(np.zeros((1, 2)), np.array([[0.5, 0.5]]), wrt="targets")
+    array([[0.69314718, 0.69314718]])
     """
+    if not isinstance(wrt, str) or wrt not in WRT:
+        msg = f"wrt must be one of {', '.join(map(repr, WRT))}, got {wrt!r}"
+        raise ValueError(msg)
+    op = CROSS_ENTROPY_VJP if wrt == "logits" else CROSS_ENTROPY_TARGET_VJP
     p = _start(
-        CROSS_ENTROPY_VJP, logits, targets, axis, reduction, label_smoothing, ignore_index, where,
-        weight,
+        op, logits, targets, axis, reduction, label_smoothing, ignore_index, where, weight
     )
-    return restore(p, backends.run(p.derive(dloss=check_dloss(p, dloss, p.reduction))))
+    if wrt == "logits":
+        return restore(p, backends.run(p.derive(dloss=check_dloss(p, dloss, p.reduction))))
+    if p.kind != "prob":
+        msg = (
+            "wrt='targets' needs probability targets (a real floating array); class indices "
+            "are not differentiable"
+        )
+        raise ValueError(msg)
+    g = restore(p, backends.run(p.derive(dloss=check_dloss(p, dloss, p.reduction))))
+    g = _sum_to(p.xp, g, tuple(np.shape(targets)))
+    return g if g.dtype == p.dtype else p.xp.astype(g, p.dtype)
+
+
+def _sum_to(xp: Any, g: Array, shape: tuple[int, ...]) -> Array:
+    """``g`` summed over the axes along which an array of ``shape`` was broadcast to it."""
+    lead = g.ndim - len(shape)
+    if lead:
+        g = xp.sum(g, axis=tuple(range(lead)))
+    axes = tuple(i for i, (d, e) in enumerate(zip(shape, g.shape, strict=True)) if d == 1 != e)
+    return xp.sum(g, axis=axes, keepdims=True) if axes else g

@@ -34,6 +34,7 @@ __all__ = [
     "reduce",
     "sample_losses",
     "sample_weights",
+    "target_gradient",
 ]
 
 
@@ -58,6 +59,19 @@ def backward(p: XentCall) -> Array:
     dx = run(lsm.derive(op=LOG_SOFTMAX_VJP, arrays=(ly, g)))
     dx = _zero_ignored(p, dx)
     return dx if dx.dtype == p.dtype else p.xp.astype(dx, p.dtype)
+
+
+def target_gradient(p: XentCall) -> Array:
+    """d(loss)/d(targets) of :data:`~xpsoftmax._call.CROSS_ENTROPY_TARGET_VJP` (probability
+    targets): ``-(1 - eps) * weight * ly`` times each sample's weight, in the compute dtype (the
+    public function sums it over broadcast targets before rounding). Masked classes and samples
+    left out get exactly 0, not the NaN of ``0 * -inf``."""
+    xp = p.xp
+    # Masked first: a fully masked sample is then all 0 (its weight is 0 too), and no 0 * -inf
+    # is formed (Dask would warn about it when it computes, outside our errstate).
+    ly = masked(xp, run(_log_softmax_call(p)), p.mask)
+    w = xp.expand_dims(sample_weights(p, p.reduction, p.dloss), axis=p.axis)
+    return 0.0 - ((1.0 - p.eps) * w) * _weighted(p, ly)  # +0 (not -0) where ly is 0
 
 
 def pick(xp: Any, a: Array, t: Array, ax: int) -> Array:
