@@ -914,6 +914,25 @@ def test_dask_stays_lazy(rng):
     xp_assert_close(loss, ref_loss, xp=xp, dtype="float64")
     _, ref_grad = torch_ce(np.asarray(x.compute()), np.asarray(t.compute()), ignore_index=-100)
     xp_assert_close(grad, ref_grad, xp=xp, dtype="float64")
+    # tuple class axes, a per-sample mask, the gradient with respect to broadcast targets
+    x3 = _arr(xp, _logits(rng, (3, 4, 2, 5)))
+    t3 = _arr(xp, _indices(rng, (3, 5), 8))
+    keep = _arr(xp, np.array([True, False, True]))
+    q = _arr(xp, _probs(rng, (5,), 0))
+    with dask.config.set(scheduler=refuse):
+        loss3 = xpsoftmax.cross_entropy(x3, t3, (1, 2))
+        grad3 = xpsoftmax.cross_entropy_backward(x3, t3, (1, 2))
+        per_sample = xpsoftmax.cross_entropy(x[:3], t[:3], where=keep, reduction="none")
+        dq = xpsoftmax.cross_entropy_backward(x, q, wrt="targets")
+    x3n, t3n = np.asarray(x3.compute()), np.asarray(t3.compute())
+    ref3 = torch_ce_axes(x3n, t3n, (1, 2))
+    xp_assert_close(loss3, ref3[0], xp=xp, dtype="float64")
+    xp_assert_close(grad3, ref3[1], xp=xp, dtype="float64")
+    xn, tn = np.asarray(x.compute()), np.asarray(t.compute())
+    ref_ps, _ = torch_ce(xn[:3], tn[:3], reduction="none", ignore_index=-100)
+    xp_assert_close(per_sample, ref_ps * [1.0, 0.0, 1.0], xp=xp, dtype="float64")
+    ref_dq = torch_target_grad(xn, np.asarray(q.compute()))
+    xp_assert_close(dq, ref_dq, xp=xp, dtype="float64")
 
 
 def test_jax_jit(rng):

@@ -139,7 +139,8 @@ class XentCall:
         The class axis, non-negative.
     kind : {"index", "prob"}
     targets : array
-        Class indices (int64; ignored entries replaced by 0) or probabilities (compute dtype).
+        Class indices (int64; ignored entries replaced by 0) or probabilities (compute dtype,
+        broadcast to the input's shape).
     index : array or None
         Class indices as int64 with ignored entries kept (what the kernels read).
     ignore : int or None
