@@ -391,6 +391,29 @@ def test_fused_cross_entropy_special_rows(monkeypatch, eps, rng):
     xp_assert_close(dx[1], limit, rtol=1e-12, atol=1e-15)
 
 
+def test_fused_cross_entropy_tuple_axes_and_generic_forms(monkeypatch, rng):
+    """Two class axes reach the fused kernels as one flattened last axis (and match torch); a
+    per-sample mask and the gradient with respect to targets stay in the generic code."""
+    torch = pytest.importorskip("torch")
+    calls = _xent_spy(monkeypatch)
+    x = rng.standard_normal((3, 4, 2, 5))
+    t = rng.integers(0, 8, (3, 5))
+    t[1, 2] = -100
+    xt = torch.asarray(x, requires_grad=True)
+    kw = {"reduction": "sum", "label_smoothing": 0.1, "ignore_index": -100}
+    ref = torch.nn.functional.cross_entropy(xt.reshape(3, 8, 5), torch.asarray(t), **kw)
+    (ref_dx,) = torch.autograd.grad(ref, xt)
+    got = xpsoftmax.cross_entropy(x, t, (1, 2), **kw)
+    xp_assert_close(got, ref.detach().numpy(), rtol=1e-12)
+    xp_assert_close(xpsoftmax.cross_entropy_backward(x, t, (1, 2), **kw), ref_dx.numpy())
+    assert sorted(set(calls)) == ["xent_grad_rows", "xent_rows"]
+    del calls[:]
+    y, s = rng.standard_normal((6, 5)), rng.integers(0, 5, 6)
+    xpsoftmax.cross_entropy(y, s, where=np.array([True, False, True, True, True, True]))
+    xpsoftmax.cross_entropy_backward(y, np.full((6, 5), 0.2), wrt="targets")
+    assert calls == []
+
+
 def test_cross_entropy_takes_the_generic_code_on_the_numpy_path(monkeypatch, rng):
     from xpsoftmax.backends.numpy import kernels as k
 

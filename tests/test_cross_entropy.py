@@ -139,6 +139,116 @@ def test_class_axis(xp, axis, kind, rng):
     _check(xp, x, t, axis, reduction="mean", label_smoothing=0.1, **kw)
 
 
+def torch_ce_axes(x, t, axes, *, dloss=None, where=None, **kwargs):
+    """torch's loss and autograd gradient with class axes ``axes`` (sorted): the logits (and
+    probability targets, ``where``) permuted and reshaped in the torch graph, classes at 1."""
+    rest = [i for i in range(x.ndim) if i not in axes]
+    lead, n = [x.shape[i] for i in rest], math.prod(x.shape[i] for i in axes)
+
+    def flat(a):
+        a = a.permute(*rest, *axes).reshape(*lead, n)
+        return torch.movedim(a, -1, 1) if a.ndim > 1 else a
+
+    X = torch.tensor(x, dtype=torch.float64, requires_grad=True)
+    logits = X
+    if where is not None:  # the masked classes: -inf logits, as in torch's own masking
+        logits = torch.where(torch.from_numpy(np.broadcast_to(where, x.shape).copy()), X, -math.inf)
+    if np.issubdtype(t.dtype, np.integer):
+        T = torch.tensor(t, dtype=torch.int64)
+    else:
+        T = flat(torch.tensor(np.broadcast_to(t, x.shape).copy(), dtype=torch.float64))
+    loss = F.cross_entropy(flat(logits), T, **kwargs)
+    dloss = np.ones(tuple(loss.shape)) if dloss is None else dloss
+    loss.backward(torch.tensor(np.asarray(dloss, dtype=np.float64)))
+    return loss.detach().numpy(), X.grad.numpy()
+
+
+@pytest.mark.parametrize(
+    ("shape", "axes"),
+    [
+        ((3, 4, 2, 5), (1, 2)),
+        ((4, 3, 5), (0, 2)),
+        ((3, 2, 4), (-1, -2)),
+        ((2, 3), (0, 1)),
+        ((4, 3, 5), (1,)),
+    ],
+)
+@pytest.mark.parametrize("kind", ["index", "prob", "weighted"])
+def test_tuple_class_axes_match_torch_on_the_flattened_classes(xp, kind, shape, axes, rng):
+    # optax's axis=(1, 2): the classes are the flattened product of the axes (C order).
+    norm = tuple(sorted(a % len(shape) for a in axes))
+    loss_shape = tuple(d for i, d in enumerate(shape) if i not in norm)
+    n = math.prod(shape[i] for i in norm)
+    x = _logits(rng, shape)
+    kw = {"label_smoothing": 0.1}
+    if kind == "prob":
+        t = rng.random(shape) + 0.05
+        t /= t.sum(axis=norm, keepdims=True)
+    else:
+        t = _indices(rng, loss_shape, n, -100, n_ignored=1 if loss_shape else 0)
+        kw["ignore_index"] = -100
+    tkw = dict(kw)
+    if kind == "weighted":
+        w = rng.uniform(0.1, 3.0, size=n)
+        kw["weight"], tkw["weight"] = xp.asarray(w), torch.tensor(w)
+    for reduction in REDUCTIONS:
+        dloss = rng.standard_normal(loss_shape) if reduction == "none" else 0.6
+        ref_loss, ref_grad = torch_ce_axes(x, t, norm, dloss=dloss, reduction=reduction, **tkw)
+        X, T = _arr(xp, x), _arr(xp, t)
+        loss = xpsoftmax.cross_entropy(X, T, axes, reduction=reduction, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64, err_msg=reduction)
+        dl = _arr(xp, dloss) if reduction == "none" else dloss
+        grad = xpsoftmax.cross_entropy_backward(X, T, axes, reduction=reduction, dloss=dl, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64, err_msg=reduction)
+
+
+def test_tuple_class_axes_with_masks_and_broadcast_targets(xp, rng):
+    x = _logits(rng, (3, 4, 2, 5))
+    axes = (1, 2)
+    mask = rng.random((1, 4, 2, 5)) > 0.3  # per class, broadcast over the first axis
+    mask[..., 0] = True
+    t = _probs(rng, (4, 2, 1), None) * np.ones((1, 1, 5))  # one distribution per column, shared
+    keep = np.array([[True, False, True, True, True]] * 3)  # per sample: the loss shape (3, 5)
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.2}
+        ref_loss, ref_grad = _restricted_axes_reference(x, t, axes, mask, reduction, 0.2)
+        X, T, M = _arr(xp, x), _arr(xp, t[:, :, 0][..., None]), _arr(xp, mask)
+        loss = xpsoftmax.cross_entropy(X, T, axes, where=M, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+        grad = xpsoftmax.cross_entropy_backward(X, T, axes, where=M, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+        # per sample: a dropped sample (3, 5)[:, 1] is as if absent
+        ti = _indices(rng, (3, 5), 8)
+        ref_loss, ref_grad = torch_ce_axes(
+            x[..., keep[0]], ti[:, keep[0]], axes, reduction=reduction, label_smoothing=0.2
+        )
+        if reduction == "none":
+            ref_loss = np.zeros((3, 5))
+            ref_loss[:, keep[0]] = torch_ce_axes(
+                x[..., keep[0]], ti[:, keep[0]], axes, reduction="none", label_smoothing=0.2
+            )[0]
+        full = np.zeros_like(x)
+        full[..., keep[0]] = ref_grad
+        K, TI = _arr(xp, keep), _arr(xp, ti)
+        loss = xpsoftmax.cross_entropy(X, TI, axes, where=K, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+        grad = xpsoftmax.cross_entropy_backward(X, TI, axes, where=K, **kw)
+        xp_assert_close(grad, full, xp=xp, dtype=xp.float64)
+
+
+def _restricted_axes_reference(x, t, axes, mask, reduction, eps):
+    """_restricted_reference on the flattened classes of ``axes`` (of a 4-D ``x``, axes (1, 2)),
+    the gradient put back in the input's layout."""
+    assert axes == (1, 2) and x.ndim == 4
+    b, c1, c2, s = x.shape
+
+    def flat(a):
+        return np.broadcast_to(a, x.shape).reshape(b, c1 * c2, s)
+
+    loss, grad = _restricted_reference(flat(x), flat(t), flat(mask).copy(), 1, reduction, eps)
+    return loss, grad.reshape(x.shape)
+
+
 @pytest.mark.parametrize("kind", ["index", "prob"])
 def test_unbatched_1d(xp, kind, rng):
     x = _logits(rng, (6,))
@@ -177,6 +287,180 @@ def test_probability_targets_promote_dtype(xp, rng):
     ref_loss, _ = torch_ce(x.astype(np.float64), t)
     loss = xpsoftmax.cross_entropy(_arr(xp, x), _arr(xp, t))
     xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("shape", "t_shape", "axis"),
+    [((6, 5), (1, 5), -1), ((6, 5), (5,), -1), ((4, 3, 5), (3, 1), 1), ((4, 3, 5), (4, 1, 5), 0)],
+)
+def test_probability_targets_broadcast(xp, shape, t_shape, axis, rng):
+    # As TensorFlow's softmax_cross_entropy_with_logits: against torch on the expanded targets.
+    x = _logits(rng, shape)
+    t = _probs(rng, t_shape, axis if len(t_shape) == len(shape) else -1)
+    full = np.broadcast_to(t, shape).copy()
+    w = rng.uniform(0.1, 3.0, size=shape[axis])
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.2}
+        ref_loss, ref_grad = torch_ce(x, full, axis, weight=torch.tensor(w), **kw)
+        X, T, W = _arr(xp, x), _arr(xp, t), xp.asarray(w)
+        loss = xpsoftmax.cross_entropy(X, T, axis, weight=W, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+        grad = xpsoftmax.cross_entropy_backward(X, T, axis, weight=W, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+
+
+def test_index_targets_do_not_broadcast():
+    x = np.zeros((3, 4))
+    with pytest.raises(ValueError, match=r"without axis -1, \(3,\), got \(1,\)"):
+        xpsoftmax.cross_entropy(x, np.array([1]))
+    with pytest.raises(ValueError, match=r"or broadcast to it, got \(2, 4\)"):
+        xpsoftmax.cross_entropy(x, np.full((2, 4), 0.25))
+
+
+# --------------------------------------------------------------------------------------------
+# the gradient with respect to probability targets
+
+
+def torch_target_grad(x, t, axis=-1, *, dloss=None, **kwargs):
+    """torch autograd's d(loss)/d(target) of F.cross_entropy, ``t`` broadcast in the torch graph
+    to ``x``'s shape (so the gradient is summed back to ``t``'s shape), class axis moved to 1."""
+    X = torch.tensor(x, dtype=torch.float64)
+    T = torch.tensor(t, dtype=torch.float64, requires_grad=True)
+    full = T.expand(x.shape)
+    if x.ndim > 1:
+        X, full = torch.movedim(X, axis, 1), torch.movedim(full, axis, 1)
+    loss = F.cross_entropy(X, full, **kwargs)
+    dloss = np.ones(tuple(loss.shape)) if dloss is None else dloss
+    loss.backward(torch.tensor(np.asarray(dloss, dtype=np.float64)))
+    return T.grad.numpy()
+
+
+def _target_grad(xp, x, t, axis=-1, **kwargs):
+    X, T = _arr(xp, x), _arr(xp, t)
+    kwargs = {k: xp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kwargs.items()}
+    return xpsoftmax.cross_entropy_backward(X, T, axis, wrt="targets", **kwargs)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_target_gradient_matches_torch(xp, reduction, label_smoothing, weighted, rng):
+    x, t = _logits(rng, (6, 5)), _probs(rng, (6, 5), -1)
+    kw = {"reduction": reduction, "label_smoothing": label_smoothing}
+    tkw = dict(kw)
+    if weighted:
+        w = rng.uniform(0.1, 3.0, size=5)
+        kw["weight"], tkw["weight"] = w, torch.tensor(w)
+    dloss = rng.standard_normal(6) if reduction == "none" else -1.3
+    ref = torch_target_grad(x, t, dloss=dloss, **tkw)
+    dl = _arr(xp, dloss) if reduction == "none" else dloss
+    xp_assert_close(_target_grad(xp, x, t, dloss=dl, **kw), ref, xp=xp, dtype=xp.float64)
+    ref = torch_target_grad(x, t, **tkw)  # dloss None: 1
+    xp_assert_close(_target_grad(xp, x, t, **kw), ref, xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize(
+    ("shape", "t_shape", "axis"),
+    [((6, 5), (1, 5), -1), ((6, 5), (5,), -1), ((4, 3, 5), (3, 1), 1), ((4, 3, 5), (4, 3, 5), 0)],
+)
+def test_target_gradient_other_axes_and_broadcast_targets(xp, shape, t_shape, axis, rng):
+    # broadcast targets: the gradient is summed back to their shape, as autograd does
+    x = _logits(rng, shape)
+    t = _probs(rng, t_shape, axis if len(t_shape) == len(shape) else -1)
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.1}
+        got = _target_grad(xp, x, t, axis, **kw)
+        xp_assert_close(got, torch_target_grad(x, t, axis, **kw), xp=xp, dtype=xp.float64)
+
+
+def test_target_gradient_tuple_axes(xp, rng):
+    x = _logits(rng, (3, 4, 2, 5))
+    t = rng.random((3, 4, 2, 5))
+    X = torch.tensor(x)
+    T = torch.tensor(t, requires_grad=True)
+
+    def flat(a):
+        return a.permute(0, 3, 1, 2).reshape(3, 5, 8).movedim(-1, 1)
+
+    for reduction in REDUCTIONS:
+        T.grad = None
+        F.cross_entropy(flat(X), flat(T), reduction=reduction, label_smoothing=0.2).sum().backward()
+        got = _target_grad(xp, x, t, (1, 2), reduction=reduction, label_smoothing=0.2)
+        xp_assert_close(got, T.grad.numpy(), xp=xp, dtype=xp.float64)
+
+
+def _restricted_target_grad(x, t, mask, reduction, eps):
+    """torch's target gradient on each row's unmasked classes (2-D, classes last): 0 at masked
+    classes and for fully masked rows, which "mean" does not count."""
+    X, T = torch.tensor(x), torch.tensor(t, requires_grad=True)
+    losses = []
+    for i in range(x.shape[0]):
+        keep = torch.from_numpy(mask[i].copy())
+        if keep.any():
+            losses.append(F.cross_entropy(X[i][keep], T[i][keep], label_smoothing=eps))
+    total = torch.stack(losses).sum()
+    if reduction == "mean":
+        total = total / len(losses)
+    total.backward()
+    return T.grad.numpy()
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_target_gradient_with_masks(xp, reduction, rng):
+    x, t = _logits(rng, (6, 5)), _probs(rng, (6, 5), -1)
+    x[0, 1] = -math.inf  # a masked -inf: 0, not NaN
+    mask = rng.random((6, 5)) > 0.3
+    mask[:, 0] = True
+    mask[0, 1] = False
+    mask[4] = False  # a fully masked sample: 0, not counted in "mean"
+    kw = {"reduction": reduction, "label_smoothing": 0.2}
+    ref = _restricted_target_grad(x, t, mask, reduction, 0.2)
+    got = _target_grad(xp, x, t, where=_arr(xp, mask), **kw)
+    xp_assert_close(got, ref, xp=xp, dtype=xp.float64)
+    assert np.all(to_numpy(got)[~mask] == 0.0)
+    # per sample
+    keep = np.array([True, True, False, True, False, True])
+    ref = _restricted_target_grad(x, t, np.repeat(keep[:, None], 5, axis=1), reduction, 0.2)
+    ref[0, 1] = math.inf  # the unmasked -inf logit: d/dt of -t * (-inf), as torch
+    got = _target_grad(xp, x, t, where=_arr(xp, keep), **kw)
+    xp_assert_close(got, ref, xp=xp, dtype=xp.float64)
+
+
+def test_target_gradient_edge_values(xp):
+    # float64 math: -(1 - eps) * log_softmax * scale; +inf, -inf and NaN follow log_softmax
+    inf, nan = math.inf, math.nan
+    x = np.array([[1.0, inf, 0.0, inf], [-inf, 1.0, 2.0, 0.0], [0.0, nan, 1.0, 1.0]])
+    t = np.full((3, 4), 0.25)
+    for eps in (0.0, 0.2):
+        ly = ref_softmax(x, -1, log=True)
+        kw = {"label_smoothing": eps}
+        got = _target_grad(xp, x, t, reduction="sum", **kw)
+        xp_assert_close(got, -(1 - eps) * ly, xp=xp, dtype=xp.float64)
+        got = _target_grad(xp, x, t, reduction="mean", **kw)
+        xp_assert_close(got, -(1 - eps) * ly / 3, xp=xp, dtype=xp.float64)
+
+
+def test_target_gradient_empty_and_dtype(xp, rng):
+    for reduction in REDUCTIONS:
+        got = _target_grad(xp, np.zeros((0, 4)), np.zeros((0, 4)), reduction=reduction)
+        xp_assert_equal(got, np.zeros((0, 4)), xp=xp, dtype=xp.float64)
+    # float32 logits, float64 targets: the loss's dtype, float64
+    x, t = _logits(rng, (3, 4)).astype(np.float32), _probs(rng, (3, 4), -1)
+    got = _target_grad(xp, x, t)
+    ref = torch_target_grad(x.astype(np.float64), t)
+    xp_assert_close(got, ref, xp=xp, dtype=xp.float64, rtol=1e-6)
+
+
+def test_wrt_validation():
+    x, t, q = np.zeros((3, 4)), np.array([0, 1, 2]), np.full((3, 4), 0.25)
+    f = xpsoftmax.cross_entropy_backward
+    with pytest.raises(ValueError, match="class indices are not differentiable"):
+        f(x, t, wrt="targets")
+    for bad in ("target", "input", None, 1):
+        with pytest.raises(ValueError, match="wrt must be one of 'logits', 'targets', got"):
+            f(x, q, wrt=bad)
+    with pytest.raises(ValueError, match="dloss must be a scalar"):
+        f(x, q, wrt="targets", dloss=np.ones(3))
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +648,9 @@ def _restricted_reference(x, t, mask, axis, reduction, eps):
             target = torch.from_numpy(targets[i][masks[i]])
         losses.append(F.cross_entropy(X[i][keep], target, label_smoothing=eps, reduction="sum"))
     per_sample = torch.stack(losses)
-    total = {"none": per_sample, "sum": per_sample.sum(), "mean": per_sample.mean()}[reduction]
+    counted = int(masks.any(axis=-1).sum())  # "mean" leaves fully masked samples out
+    mean = per_sample.sum() / counted if counted else per_sample.sum() * math.nan
+    total = {"none": per_sample, "sum": per_sample.sum(), "mean": mean}[reduction]
     total.backward(torch.ones_like(total))
     loss = total.detach().numpy()
     if reduction == "none":
@@ -387,7 +673,8 @@ def test_where_restricts_to_unmasked_classes(xp, kind, reduction, label_smoothin
         mm[:, 0] = True  # every sample keeps a class
         t = np.array([rng.choice(np.flatnonzero(row)) for row in mm])
     else:
-        np.moveaxis(mask, axis, -1)[-1] = False  # one fully masked sample: loss 0, gradient 0
+        # one fully masked sample: loss 0, gradient 0, not counted in "mean"
+        np.moveaxis(mask, axis, -1)[-1] = False
         t = _probs(rng, shape, axis)  # mass on masked classes is dropped
     ref_loss, ref_grad = _restricted_reference(x, t, mask, axis, reduction, label_smoothing)
     X, T, M = _arr(xp, x), _arr(xp, t), _arr(xp, mask)
@@ -417,6 +704,153 @@ def test_target_on_masked_class_is_an_error(xp, rng):
     x, mask = _logits(rng, (2, 3)), np.array([[True, False, True], [True, True, True]])
     with pytest.raises(ValueError, match="masks out"):
         xpsoftmax.cross_entropy(_arr(xp, x), _arr(xp, np.array([1, 1])), where=_arr(xp, mask))
+
+
+def _kept_reference(x, t, keep, axis=-1, *, dloss=None, **kwargs):
+    """torch on the samples where ``keep`` (the loss shape) is True, the others dropped: their
+    loss and gradient 0 (for ``"none"``; ``dloss`` per sample is then cut to the kept ones)."""
+    xm = np.moveaxis(x, axis, -1)
+    rows, n = xm.reshape(-1, xm.shape[-1]), xm.shape[-1]
+    flat_keep = keep.reshape(-1)
+    if np.issubdtype(t.dtype, np.integer):
+        kept_t = t.reshape(-1)[flat_keep]
+    else:
+        kept_t = np.moveaxis(t, axis, -1).reshape(-1, n)[flat_keep]
+    if dloss is not None and np.ndim(dloss):
+        dloss = np.asarray(dloss).reshape(-1)[flat_keep]
+    loss, grad = torch_ce(rows[flat_keep], kept_t, dloss=dloss, **kwargs)
+    full = np.zeros_like(rows)
+    full[flat_keep] = grad
+    if kwargs.get("reduction") == "none":
+        per_sample = np.zeros(flat_keep.shape)
+        per_sample[flat_keep] = loss
+        loss = per_sample.reshape(keep.shape)
+    return loss, np.moveaxis(full.reshape(xm.shape), -1, axis)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["index", "prob", "weighted"])
+def test_per_sample_where_drops_samples(xp, kind, reduction, rng):
+    # where of the loss shape (6,), which does not broadcast to (6, 5): one flag per sample; a
+    # False sample is dropped (0 loss, 0 gradient, not counted in "mean", also in its weights).
+    x = _logits(rng, (6, 5))
+    keep = np.array([True, False, True, True, False, True])
+    if kind == "prob":
+        t, kw = _probs(rng, (6, 5), -1), {}
+    else:
+        t, kw = _indices(rng, (6,), 5, -100, n_ignored=1), {"ignore_index": -100}
+    if kind == "weighted":
+        kw["weight"] = rng.uniform(0.1, 3.0, size=5)
+    dloss = rng.standard_normal(6) if reduction == "none" else 1.7
+    tkw = {**kw, "weight": torch.tensor(kw["weight"])} if "weight" in kw else kw
+    ref_loss, ref_grad = _kept_reference(
+        x, t, keep, dloss=dloss, reduction=reduction, label_smoothing=0.2, **tkw
+    )
+    X, T = _arr(xp, x), _arr(xp, t)
+    kw = {k: xp.asarray(v) if isinstance(v, np.ndarray) else v for k, v in kw.items()}
+    kw.update(reduction=reduction, label_smoothing=0.2, where=_arr(xp, keep))
+    dl = _arr(xp, dloss) if reduction == "none" else dloss
+    xp_assert_close(xpsoftmax.cross_entropy(X, T, **kw), ref_loss, xp=xp, dtype=xp.float64)
+    grad = xpsoftmax.cross_entropy_backward(X, T, dloss=dl, **kw)
+    xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+    assert np.all(to_numpy(grad)[~keep] == 0.0)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_per_sample_where_other_class_axis(xp, kind, rng):
+    x, axis = _logits(rng, (3, 5, 4)), 1
+    keep = rng.random((3, 4)) > 0.4
+    t = _indices(rng, (3, 4), 5) if kind == "index" else _probs(rng, x.shape, axis)
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.1}
+        ref_loss, ref_grad = _kept_reference(x, t, keep, axis, **kw)
+        X, T, W = _arr(xp, x), _arr(xp, t), _arr(xp, keep)
+        loss = xpsoftmax.cross_entropy(X, T, axis, where=W, **kw)
+        xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+        grad = xpsoftmax.cross_entropy_backward(X, T, axis, where=W, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+
+
+def test_where_of_both_shapes_is_per_class(xp, rng):
+    # logits (4, 4), where (4,): it broadcasts, so it masks classes (as before); expanded along
+    # the class axis it masks samples.
+    x, t = _logits(rng, (4, 4)), np.array([0, 2, 3, 0])
+    flags = np.array([True, False, True, True])
+    ref_loss, ref_grad = _restricted_reference(x, t, np.tile(flags, (4, 1)), -1, "sum", 0)
+    X, T = _arr(xp, x), _arr(xp, t)
+    xp_assert_close(
+        xpsoftmax.cross_entropy(X, T, where=_arr(xp, flags), reduction="sum"),
+        ref_loss,
+        xp=xp,
+        dtype=xp.float64,
+    )
+    per_sample = xp.expand_dims(_arr(xp, flags), axis=-1)
+    ref_loss, ref_grad = _kept_reference(x, t, flags, reduction="sum")
+    xp_assert_close(
+        xpsoftmax.cross_entropy(X, T, where=per_sample, reduction="sum"),
+        ref_loss,
+        xp=xp,
+        dtype=xp.float64,
+    )
+    grad = xpsoftmax.cross_entropy_backward(X, T, where=per_sample, reduction="sum")
+    xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+
+
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_every_sample_masked(xp, kind, rng):
+    # "mean" of no counted sample: NaN (0 / 0, as torch with every target ignored); "sum" 0;
+    # the gradient 0. An index target needs no unmasked class when its sample is fully masked.
+    x = _logits(rng, (3, 4))
+    x[0, 1], x[1] = math.inf, math.nan  # dropped samples: their values do not matter
+    t = np.array([1, 2, 0]) if kind == "index" else _probs(rng, (3, 4), -1)
+    X, T = _arr(xp, x), _arr(xp, t)
+    for where in (np.zeros(3, dtype=bool), np.zeros((3, 4), dtype=bool)):
+        W = _arr(xp, where)
+        loss = xpsoftmax.cross_entropy(X, T, where=W)
+        xp_assert_equal(loss, np.asarray(math.nan), xp=xp, dtype=xp.float64)
+        for reduction in ("sum", "none"):
+            loss = xpsoftmax.cross_entropy(X, T, where=W, reduction=reduction)
+            xp_assert_equal(
+                loss, np.zeros(() if reduction == "sum" else 3), xp=xp, dtype=xp.float64
+            )
+        for reduction in REDUCTIONS:
+            grad = xpsoftmax.cross_entropy_backward(X, T, where=W, reduction=reduction)
+            xp_assert_equal(grad, np.zeros((3, 4)), xp=xp, dtype=xp.float64)
+
+
+def test_fully_masked_sample_of_a_class_mask_is_dropped(xp, rng):
+    # A per-class mask with a row of False: that sample is dropped (its index target on a masked
+    # class is then no error), with edge values in the kept rows.
+    x = _logits(rng, (5, 4))
+    x[0, 3], x[2, 0] = -math.inf, math.nan
+    mask = np.ones((5, 4), dtype=bool)
+    mask[1] = False
+    mask[2, 0] = False  # the NaN is masked out
+    mask[3, 2] = False
+    t = np.array([1, 2, 3, 0, 2])
+    keep = mask.any(axis=-1)
+    for reduction in REDUCTIONS:
+        kw = {"reduction": reduction, "label_smoothing": 0.1}
+        ref_loss, ref_grad = _restricted_reference(x, t, mask, -1, reduction, 0.1)
+        X, T, M = _arr(xp, x), _arr(xp, t), _arr(xp, mask)
+        xp_assert_close(
+            xpsoftmax.cross_entropy(X, T, where=M, **kw), ref_loss, xp=xp, dtype=xp.float64
+        )
+        grad = xpsoftmax.cross_entropy_backward(X, T, where=M, **kw)
+        xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
+        assert np.all(to_numpy(grad)[~keep] == 0.0)
+
+
+def test_per_sample_where_empty(xp):
+    x, keep = np.zeros((0, 4)), np.zeros((0,), dtype=bool)
+    for t in (np.zeros((0,), dtype=np.int64), np.zeros((0, 4))):
+        for reduction in REDUCTIONS:
+            ref_loss, ref_grad = torch_ce(x, t, reduction=reduction)
+            X, T, W = _arr(xp, x), _arr(xp, t), _arr(xp, keep)
+            loss = xpsoftmax.cross_entropy(X, T, where=W, reduction=reduction)
+            xp_assert_close(loss, ref_loss, xp=xp, dtype=xp.float64)
+            grad = xpsoftmax.cross_entropy_backward(X, T, where=W, reduction=reduction)
+            xp_assert_close(grad, ref_grad, xp=xp, dtype=xp.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -480,6 +914,25 @@ def test_dask_stays_lazy(rng):
     xp_assert_close(loss, ref_loss, xp=xp, dtype="float64")
     _, ref_grad = torch_ce(np.asarray(x.compute()), np.asarray(t.compute()), ignore_index=-100)
     xp_assert_close(grad, ref_grad, xp=xp, dtype="float64")
+    # tuple class axes, a per-sample mask, the gradient with respect to broadcast targets
+    x3 = _arr(xp, _logits(rng, (3, 4, 2, 5)))
+    t3 = _arr(xp, _indices(rng, (3, 5), 8))
+    keep = _arr(xp, np.array([True, False, True]))
+    q = _arr(xp, _probs(rng, (5,), 0))
+    with dask.config.set(scheduler=refuse):
+        loss3 = xpsoftmax.cross_entropy(x3, t3, (1, 2))
+        grad3 = xpsoftmax.cross_entropy_backward(x3, t3, (1, 2))
+        per_sample = xpsoftmax.cross_entropy(x[:3], t[:3], where=keep, reduction="none")
+        dq = xpsoftmax.cross_entropy_backward(x, q, wrt="targets")
+    x3n, t3n = np.asarray(x3.compute()), np.asarray(t3.compute())
+    ref3 = torch_ce_axes(x3n, t3n, (1, 2))
+    xp_assert_close(loss3, ref3[0], xp=xp, dtype="float64")
+    xp_assert_close(grad3, ref3[1], xp=xp, dtype="float64")
+    xn, tn = np.asarray(x.compute()), np.asarray(t.compute())
+    ref_ps, _ = torch_ce(xn[:3], tn[:3], reduction="none", ignore_index=-100)
+    xp_assert_close(per_sample, ref_ps * [1.0, 0.0, 1.0], xp=xp, dtype="float64")
+    ref_dq = torch_target_grad(xn, np.asarray(q.compute()))
+    xp_assert_close(dq, ref_dq, xp=xp, dtype="float64")
 
 
 def test_jax_jit(rng):
@@ -498,6 +951,12 @@ def test_jax_jit(rng):
     # and jax's own autodiff of our loss agrees with our backward
     auto = jax.grad(lambda a: xpsoftmax.cross_entropy(a, xp.asarray(t), **kw))(xp.asarray(x))
     xp_assert_close(auto, ref_grad, xp=xp, dtype=xp.float64)
+    # the gradient with respect to (broadcast) probability targets, traced
+    q, kw = _probs(rng, (5,), 0), {"label_smoothing": 0.2}
+    got = jax.jit(lambda a, b: xpsoftmax.cross_entropy_backward(a, b, wrt="targets", **kw))(
+        xp.asarray(x), xp.asarray(q)
+    )
+    xp_assert_close(got, torch_target_grad(x, q, **kw), xp=xp, dtype=xp.float64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,11 +981,19 @@ def test_validation_errors(func):
         ((x, t), {"reduction": "avg"}, ValueError, "reduction must be one of"),
         ((x, t), {"ignore_index": 1.0}, TypeError, "ignore_index must be an int"),
         ((x, np.full((3, 4), 0.25)), {"ignore_index": -100}, ValueError, "only to class-index"),
-        ((x, t, (0, 1)), {}, TypeError, "axis must be a single int"),
+        ((x, np.array(0), (0, 1, 0)), {}, ValueError, "repeated axis"),
+        ((x, t, ()), {}, TypeError, "non-empty tuple of ints"),
+        ((x, t, (0, 1.0)), {}, TypeError, "axis must be an int or a non-empty tuple"),
+        ((x, t, None), {}, TypeError, "axis must be an int or a non-empty tuple"),
+        ((x, t, (0, 1)), {}, ValueError, r"without axes \(0, 1\), \(\), got \(3,\)"),
+        ((x, np.array(12), (0, 1)), {}, ValueError, "index 12, out of range for 12 classes "),
+        ((x, t), {"weight": np.ones(4), "axis": None}, TypeError, "axis must be an int"),
         ((x, t, 2), {}, ValueError, "out of bounds"),
         ((np.float64(1.0), np.int64(0)), {}, ValueError, "at least one dimension"),
         ((x + 1j, t), {}, TypeError, "complex"),
-        ((x, t), {"where": np.ones(3, dtype=bool)}, ValueError, "where of shape"),
+        ((x, t), {"where": np.ones(2, dtype=bool)}, ValueError, "where of shape"),
+        ((x, t), {"where": np.ones((3, 1, 1), dtype=bool)}, ValueError, "per-sample loss shape"),
+        ((x, t), {"where": np.ones(3)}, TypeError, "where must be a boolean array"),
     ]
     for args, kwargs, exc, match in cases:
         with pytest.raises(exc, match=match):

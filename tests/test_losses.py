@@ -87,6 +87,29 @@ def test_nll_class_axis_1_is_torchs(xp, rng):
     _check(xp, NLL(axis=1), logp, t, F.nll_loss)
 
 
+@pytest.mark.parametrize("cls", [NLL, CrossEntropy])
+@pytest.mark.parametrize("kind", ["index", "prob"])
+def test_tuple_class_axes(xp, cls, kind, rng):
+    # axis=(1, 2): the flattened classes, as torch's nll_loss on the reshaped input
+    p = _probs(rng, (3, 4 * 2, 5), axis=1).reshape(3, 4, 2, 5)
+    w = rng.uniform(0.1, 3.0, size=8)
+    if kind == "index":
+        t = rng.integers(0, 8, size=(3, 5))
+        t[0, 1] = -100
+        kw = {"ignore_index": -100}
+    else:
+        t, kw = _probs(rng, (3, 8, 5), axis=1).reshape(3, 4, 2, 5), {}
+
+    def ref(pred, t):
+        lp = (pred if cls is NLL else torch.log(pred)).reshape(3, 8, 5)
+        if kind == "index":
+            return F.nll_loss(lp, t, weight=torch.from_numpy(w), ignore_index=-100)
+        return -(torch.from_numpy(w)[:, None] * t.reshape(3, 8, 5) * lp).sum(1).mean()
+
+    pred = np.log(p) if cls is NLL else p
+    _check(xp, cls(axis=(1, 2), weight=_arr(xp, w), **kw), pred, t, ref)
+
+
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_nll_probability_targets(xp, reduction, rng):
     logp, t = np.log(_probs(rng)), _probs(rng)
@@ -161,6 +184,21 @@ def test_nll_and_cross_entropy_class_weights_are_torchs(xp, reduction, kind, rng
 
     loss = CrossEntropy(reduction, weight=_arr(xp, w), **kw)
     _check(xp, loss, p, t, ref_ce, dloss=dloss)
+
+
+@pytest.mark.parametrize("cls", [NLL, CrossEntropy])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_targets_broadcast(xp, cls, reduction, rng):
+    # one distribution (5,) for every sample, as torch's elementwise broadcasting would apply it
+    p, t = _probs(rng), _probs(rng, (SHAPE[1],))
+
+    def ref(pred, t):
+        lp = pred if cls is NLL else torch.log(pred)
+        per_sample = -(t * lp).sum(-1)
+        return {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+
+    pred = np.log(p) if cls is NLL else p
+    _check(xp, cls(reduction), pred, t, ref, dloss=_dloss(rng, reduction, SHAPE[0]))
 
 
 def test_loss_weight_validation():

@@ -547,6 +547,38 @@ def test_cross_entropy_route_leaves_the_generic_forms(xent_routed):
     assert xent_routed.calls == []
 
 
+def test_cross_entropy_route_leaves_the_new_generic_forms(xent_routed):
+    """A per-sample mask and the gradient with respect to probability targets stay generic."""
+    F = torch.nn.functional
+    x, t = _xent_inputs()
+    t = t.clamp(min=0)
+    keep = torch.tensor([True, False, True, True, True, True])
+    xp_assert_close(xpsoftmax.cross_entropy(x, t, where=keep), F.cross_entropy(x[keep], t[keep]))
+    probs = torch.softmax(_randn(x.shape, 33), dim=-1)
+    q = probs.clone().requires_grad_(True)
+    F.cross_entropy(x, q).backward()
+    xp_assert_close(xpsoftmax.cross_entropy_backward(x, probs, wrt="targets"), q.grad)
+    assert xent_routed.calls == []
+
+
+def test_cross_entropy_route_takes_tuple_class_axes(xent_routed):
+    """Index targets over two class axes: the kernels on the flattened last axis, autograd
+    through the reshape back to the input's layout."""
+    F = torch.nn.functional
+    x = _randn((3, 4, 2, 5), 34).requires_grad_(True)
+    t = torch.tensor([[0, 7, 3, 1, 5], [2, 2, 6, 0, 4], [7, 1, 1, 3, 0]])
+    loss = xpsoftmax.cross_entropy(x, t, (1, 2), label_smoothing=0.1)
+    xr = x.detach().clone().requires_grad_(True)
+    ref = F.cross_entropy(xr.reshape(3, 8, 5), t, label_smoothing=0.1)
+    xp_assert_close(loss.detach(), ref.detach())
+    loss.backward()
+    ref.backward()
+    xp_assert_close(x.grad, xr.grad)
+    dx = xpsoftmax.cross_entropy_backward(x.detach(), t, (1, 2), label_smoothing=0.1)
+    xp_assert_close(dx, xr.grad)
+    assert xent_routed.calls == ["xent", "xent_vjp", "xent_vjp"]
+
+
 def test_cross_entropy_route_always_rules(xent_routed, monkeypatch):
     x, t = _xent_inputs()
     with xpsoftmax.kernels("always"), pytest.raises(TypeError, match=r"bfloat16"):

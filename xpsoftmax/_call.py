@@ -43,7 +43,8 @@ class Op:
     cotangent or tangent), ``"softmin"`` (one input ``x``: the softmax of ``-x``),
     ``"jacobian"`` (the forward output), ``"lse"`` (one input ``x``, reduced along the axes),
     ``"lse_vjp"`` (``x``, the logsumexp and its cotangent, both with the reduced axes kept as
-    size 1), ``"xent"`` or ``"xent_vjp"`` (logits and targets, in an :class:`XentCall`).
+    size 1), ``"xent"``, ``"xent_vjp"`` or ``"xent_target_vjp"`` (logits and targets, in an
+    :class:`XentCall`; the last is the gradient with respect to probability targets).
     A backend takes only the kinds it names; the generic backend takes them all.
     """
 
@@ -64,6 +65,7 @@ LOGSUMEXP = Op("logsumexp", "lse")
 LOGSUMEXP_VJP = Op("logsumexp_backward", "lse_vjp")
 CROSS_ENTROPY = Op("cross_entropy", "xent", log=True)
 CROSS_ENTROPY_VJP = Op("cross_entropy_backward", "xent_vjp", log=True)
+CROSS_ENTROPY_TARGET_VJP = Op("cross_entropy_backward", "xent_target_vjp", log=True)
 
 #: The kinds whose result has the input's shape and whose rows normalize along ``axes``.
 ROW_KINDS = frozenset(("forward", "vjp", "jvp"))
@@ -150,7 +152,7 @@ class XentCall:
     Attributes
     ----------
     op : Op
-        :data:`CROSS_ENTROPY` or :data:`CROSS_ENTROPY_VJP`.
+        :data:`CROSS_ENTROPY`, :data:`CROSS_ENTROPY_VJP` or :data:`CROSS_ENTROPY_TARGET_VJP`.
     xp : namespace
     x_in : array
         The input (logits, or log-probabilities for the losses) in the result dtype: what the
@@ -163,23 +165,30 @@ class XentCall:
         The class axis, non-negative.
     kind : {"index", "prob"}
     targets : array
-        Class indices (int64; ignored entries replaced by 0) or probabilities (compute dtype).
+        Class indices (int64; ignored entries replaced by 0) or probabilities (compute dtype,
+        broadcast to the input's shape).
     index : array or None
         Class indices as int64 with ignored entries kept (what the kernels read).
     ignore : int or None
     valid : array of bool or None
-        The non-ignored samples; None when nothing can be ignored.
+        The counted samples: not ignored, and with an unmasked class where there is a mask;
+        None when every sample counts.
     mask : array of bool or None
-        ``where`` broadcast to the input's shape.
+        ``where`` broadcast to the input's shape (a per-sample mask expanded along ``axis``).
     mode : str
         The kernel mode in effect.
     reduction : str
     eps : float
         The label smoothing.
     dloss : array or float or None
-        The upstream gradient of :data:`CROSS_ENTROPY_VJP` (checked), else None.
+        The upstream gradient of the two VJPs (checked), else None.
     weight : array or None
         Class weights (1-D, one per class, compute dtype), or None.
+    layout : tuple or None
+        ``(shape, axes)`` when the input as given had several class axes ``axes`` (sorted):
+        the arrays here have them moved to the end and flattened into ``axis``, the last
+        (C order), and ``ops.cross_entropy.restore`` puts a gradient back into ``shape``.
+        None for one class axis.
     """
 
     op: Op
@@ -199,6 +208,7 @@ class XentCall:
     eps: float = 0.0
     dloss: Array | float | None = None
     weight: Array | None = None
+    layout: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     empty = False  # the backends handle empty inputs themselves
     out = None  # cross-entropy has no out=
 

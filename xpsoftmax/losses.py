@@ -34,7 +34,14 @@ import numpy as np
 from ._call import XentCall, validate
 from ._dtypes import compute_dtype
 from .backends.generic import cross_entropy as xent
-from .ops.cross_entropy import REDUCTIONS, check_dloss, check_reduction, prepare, validate_dloss
+from .ops.cross_entropy import (
+    REDUCTIONS,
+    check_dloss,
+    check_reduction,
+    prepare,
+    restore,
+    validate_dloss,
+)
 
 Array = Any
 
@@ -157,7 +164,7 @@ class _LogLikelihood(_Loss):
         self,
         reduction: str = "mean",
         *,
-        axis: int = -1,
+        axis: int | tuple[int, ...] = -1,
         ignore_index: int | None = None,
         weight: Array | None = None,
     ) -> None:
@@ -196,7 +203,8 @@ class NLL(_LogLikelihood):
     ``pred`` holds log-probabilities (the output of :class:`~xpsoftmax.LogSoftmax`), classes
     along ``axis``. The loss of a sample is ``-pred[target]`` for a class index and
     ``-sum(target * pred, axis)`` for probability targets (a zero target probability contributes
-    0, even against ``-inf``).
+    0, even against ``-inf``). Class indices have ``pred``'s shape without ``axis``; probability
+    targets have ``pred``'s shape or broadcast to it (one distribution for all samples, say).
 
     Parameters
     ----------
@@ -204,8 +212,9 @@ class NLL(_LogLikelihood):
         ``"none"``: one loss per sample (``pred``'s shape without ``axis``); ``"sum"``: their
         sum; ``"mean"`` (default): the sum divided by the number of non-ignored samples for
         index targets (NaN if all are ignored), by the number of samples for probability targets.
-    axis : int, optional
-        The class axis (default ``-1``; torch's is 1).
+    axis : int or tuple of ints, optional
+        The class axis (default ``-1``; torch's is 1), or several, as in
+        :func:`~xpsoftmax.cross_entropy`: their flattened product (C order) is the classes.
     ignore_index : int, optional
         Samples with this class index contribute 0 and are left out of the mean. ``None``
         (default) ignores nothing; torch's default is ``-100``. Index targets only.
@@ -239,7 +248,7 @@ class NLL(_LogLikelihood):
     def backward(self, dloss: Array | float | None = None) -> Array:
         """d(loss)/d(pred) for the last :meth:`forward`, times the upstream ``dloss``."""
         p, g = self._logp_gradient(dloss)
-        return _finish(p.xp, g, p.dtype)
+        return _finish(p.xp, restore(p, g), p.dtype)
 
 
 class CrossEntropy(_LogLikelihood):
@@ -287,7 +296,7 @@ class CrossEntropy(_LogLikelihood):
             r = g / xp.where(zero, xp.ones_like(prob), prob)
             # d/dp of -q log(p) at p == 0: 0 where q == 0, else -inf (g * inf keeps the sign).
             at_zero = g * xp.where(g == 0, xp.zeros_like(g), xp.full_like(g, np.inf))
-            return _finish(xp, xp.where(zero, at_zero, r), p.dtype)
+            return _finish(xp, restore(p, xp.where(zero, at_zero, r)), p.dtype)
 
 
 class KLDivergence(_Loss):

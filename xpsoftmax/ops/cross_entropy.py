@@ -10,6 +10,7 @@ probabilities or log-probabilities and share the generic code of
 from __future__ import annotations
 
 import functools
+import math
 import operator
 from typing import Any
 
@@ -18,9 +19,12 @@ import numpy as np
 from .. import _compat, _config, backends
 from .._call import (
     CROSS_ENTROPY,
+    CROSS_ENTROPY_TARGET_VJP,
     CROSS_ENTROPY_VJP,
     Op,
     XentCall,
+    _broadcasts_to,
+    _same_shape,
     float_dtype,
     is_empty,
     mask,
@@ -35,11 +39,13 @@ Array = Any
 
 __all__ = [
     "REDUCTIONS",
+    "WRT",
     "check_dloss",
     "check_reduction",
     "cross_entropy",
     "cross_entropy_backward",
     "prepare",
+    "restore",
     "validate_dloss",
 ]
 
@@ -77,14 +83,35 @@ def _check_ignore_index(ignore_index: Any) -> int | None:
     return operator.index(ignore_index)
 
 
-def _class_axis(axis: Any, ndim: int, name: str) -> int:
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        msg = f"axis must be a single int (the class axis), got {axis!r}"
+def _class_axes(axis: Any, ndim: int, name: str) -> tuple[int, ...]:
+    """The class axes, sorted and non-negative: one int, or a non-empty tuple of ints."""
+    items = axis if isinstance(axis, tuple) else (axis,)
+    if not items or any(isinstance(a, bool) or not isinstance(a, (int, np.integer)) for a in items):
+        msg = f"axis must be an int or a non-empty tuple of ints (the class axes), got {axis!r}"
         raise TypeError(msg)
     if ndim == 0:
         msg = f"{name} must have at least one dimension (the classes), got a 0-d array"
         raise ValueError(msg)
-    return normalize_axes(axis, ndim)[0]
+    return normalize_axes(axis, ndim)
+
+
+def _classes_last(xp: Any, a: Array, axes: tuple[int, ...]) -> Array:
+    """``a`` with its class axes ``axes`` moved to the end and flattened into one (C order)."""
+    rest = tuple(i for i in range(a.ndim) if i not in axes)
+    n = math.prod(a.shape[i] for i in axes)
+    return xp.reshape(xp.permute_dims(a, rest + axes), tuple(a.shape[i] for i in rest) + (n,))
+
+
+def restore(p: XentCall, a: Array) -> Array:
+    """An array of the call's input shape (``p.x_in``) in the layout of the input as given:
+    the flattened class axis of several class axes put back where they were."""
+    if p.layout is None:
+        return a
+    shape, axes = p.layout
+    rest = tuple(i for i in range(len(shape)) if i not in axes)
+    order = rest + axes
+    a = p.xp.reshape(a, tuple(shape[i] for i in order))
+    return p.xp.permute_dims(a, tuple(order.index(i) for i in range(len(shape))))
 
 
 def _is_lazy(x: Array) -> bool:
@@ -122,32 +149,39 @@ def prepare(
     """Validate an input, its targets, the class axis, ``ignore_index`` and ``where``.
 
     Targets with an integer dtype are class indices, of the input's shape without ``axis``;
-    targets with a real floating dtype are probabilities, of the input's shape. Index values are
+    targets with a real floating dtype are probabilities, of the input's shape or broadcast to
+    it. Index values are
     checked against the number of classes (and the mask) at once; on Dask the range check runs
     in the graph, when the result is computed, and under ``jax.jit`` values are not checked.
     """
     xp, x = namespace(x, x_name)
     dtype = float_dtype(xp, x, x_name)
-    ax = _class_axis(axis, x.ndim, x_name)
+    axes = _class_axes(axis, x.ndim, x_name)
+    # for the messages
+    label = f"axis {axes[0]}" if len(axes) == 1 else f"axes {axes}"
+    given = f"axes {axis}" if isinstance(axis, tuple) else f"axis {axis}"
     targets = same_namespace(xp, x, x_name, targets, "targets")
     ignore = _check_ignore_index(ignore_index)
-    loss_shape = tuple(d for i, d in enumerate(x.shape) if i != ax)
+    loss_shape = tuple(d for i, d in enumerate(x.shape) if i not in axes)
     if xp.isdtype(targets.dtype, "integral"):
         kind = "index"
         if tuple(targets.shape) != loss_shape:
             msg = (
-                f"class-index targets must have the shape of {x_name} without axis {axis}, "
+                f"class-index targets must have the shape of {x_name} without {given}, "
                 f"{loss_shape}, got {tuple(targets.shape)}"
             )
             raise ValueError(msg)
     elif xp.isdtype(targets.dtype, "real floating"):
         kind = "prob"
-        if tuple(targets.shape) != tuple(x.shape):
-            msg = (
-                f"probability targets must have the shape of {x_name}, {tuple(x.shape)}, got "
-                f"{tuple(targets.shape)} (class-index targets need an integer dtype)"
-            )
-            raise ValueError(msg)
+        t_shape, x_shape = tuple(targets.shape), tuple(x.shape)
+        if not _same_shape(t_shape, x_shape):
+            if not _broadcasts_to(t_shape, x_shape):
+                msg = (
+                    f"probability targets must have the shape of {x_name}, {x_shape}, or "
+                    f"broadcast to it, got {t_shape} (class-index targets need an integer dtype)"
+                )
+                raise ValueError(msg)
+            targets = xp.broadcast_to(targets, x.shape)
         if ignore is not None:
             msg = "ignore_index applies only to class-index targets, not to probability targets"
             raise ValueError(msg)
@@ -158,22 +192,33 @@ def prepare(
             f"array), got dtype {targets.dtype}"
         )
         raise TypeError(msg)
-    m = mask(xp, x, where)
+    m = _xent_mask(xp, x, x_name, where, axes, loss_shape)
+    layout = None
+    if len(axes) > 1:
+        # Several class axes: one problem along a last axis of their product, the gradient
+        # put back by restore().
+        layout = (tuple(x.shape), axes)
+        x = _classes_last(xp, x, axes)
+        m = None if m is None else _classes_last(xp, m, axes)
+        if kind == "prob":
+            targets = _classes_last(xp, targets, axes)
+    ax = axes[0] if layout is None else x.ndim - 1
+    # Samples with no unmasked class: 0 loss, 0 gradient, left out of the mean.
+    kept = None if m is None else xp.any(m, axis=ax)
     ctype = compute_dtype(xp, dtype)
     x_in = x if x.dtype == dtype else xp.astype(x, dtype)
     index = valid = None
+    n = x.shape[ax]
     if kind == "prob":
         targets = targets if targets.dtype == ctype else xp.astype(targets, ctype)
     else:
         if _compat.is_dask_array(targets):
             # Reading Dask values would compute: check each block when the graph runs instead
             # (before the cast below, which would wrap uint64 values of 2**63 and more).
-            check = functools.partial(
-                _check_block, n=x.shape[ax], ignore=ignore, where=(ax, x_name)
-            )
+            check = functools.partial(_check_block, n=n, ignore=ignore, where=(label, x_name))
             targets = targets.map_blocks(check, dtype=targets.dtype)
         elif targets.dtype == xp.uint64 and not _is_lazy(targets):
-            _check_unsigned(xp, targets, x.shape[ax], ax, x_name)
+            _check_unsigned(xp, targets, n, label, x_name)
         # int64, which torch's gather needs and which holds any ignore_index; JAX without x64
         # has no int64 and keeps its int32.
         if targets.dtype != xp.int64 and not _jax_int32_only(targets):
@@ -183,9 +228,11 @@ def prepare(
             valid = targets != ignore
             targets = xp.where(valid, targets, xp.zeros_like(targets))
         if not _is_lazy(targets):
-            _check_indices(xp, targets, valid, m, ax, x.shape[ax], x_name)
+            _check_indices(xp, targets, valid, m, kept, ax, label, n, x_name)
+    if kept is not None:
+        valid = kept if valid is None else valid & kept
     mode = _config.get_kernels()
-    w = _check_weight(xp, x, x_name, weight, x.shape[ax], ctype)
+    w = _check_weight(xp, x, x_name, weight, n, ctype)
     return XentCall(
         op,
         xp,
@@ -203,7 +250,29 @@ def prepare(
         reduction,
         eps,
         weight=w,
+        layout=layout,
     )
+
+
+def _xent_mask(
+    xp: Any, x: Array, x_name: str, where: Any, axes: tuple[int, ...], loss_shape: tuple[int, ...]
+) -> Array | None:
+    """``where`` broadcast to ``x``'s shape: a per-class mask (broadcastable to ``x``) as it is,
+    a per-sample mask (of the loss shape, not broadcastable to ``x``) expanded along the class
+    axes ``axes``."""
+    if where is not None and not isinstance(where, bool):
+        where = same_namespace(xp, x, x_name, where, "where")
+        w_shape, x_shape = tuple(where.shape), tuple(x.shape)
+        if not _broadcasts_to(w_shape, x_shape):
+            if not _same_shape(w_shape, loss_shape):
+                msg = (
+                    f"where of shape {w_shape} neither broadcasts to {x_name} of shape "
+                    f"{x_shape} nor has the per-sample loss shape {loss_shape}"
+                )
+                raise ValueError(msg)
+            for ax in axes:  # (increasing: each lands where it is in x)
+                where = xp.expand_dims(where, axis=ax)
+    return mask(xp, x, where)
 
 
 def _check_weight(xp: Any, x: Array, x_name: str, weight: Any, n: int, ctype: Any) -> Any:
@@ -222,25 +291,25 @@ def _check_weight(xp: Any, x: Array, x_name: str, weight: Any, n: int, ctype: An
     return weight if weight.dtype == ctype else xp.astype(weight, ctype)
 
 
-def _range_error(bad: int, n: int, ax: int, x_name: str) -> ValueError:
+def _range_error(bad: int, n: int, label: str, x_name: str) -> ValueError:
     msg = (
-        f"targets contain the class index {bad}, out of range for {n} classes along axis "
-        f"{ax} of {x_name} (valid: 0 to {n - 1}, or ignore_index)"
+        f"targets contain the class index {bad}, out of range for {n} classes along "
+        f"{label} of {x_name} (valid: 0 to {n - 1}, or ignore_index)"
     )
     return ValueError(msg)
 
 
-def _check_unsigned(xp: Any, t: Array, n: int, ax: int, x_name: str) -> None:
+def _check_unsigned(xp: Any, t: Array, n: int, label: str, x_name: str) -> None:
     """uint64 indices of 2**63 and more, which int64 would wrap to negative numbers (and
     ``ignore_index=-100`` would then silently ignore): out of range, named as given."""
     if is_empty(tuple(t.shape)):
         return
     hi = int(xp.max(t))
     if hi > np.iinfo(np.int64).max:
-        raise _range_error(hi, n, ax, x_name)
+        raise _range_error(hi, n, label, x_name)
 
 
-def _check_block(block: Any, n: int, ignore: int | None, where: tuple[int, str]) -> Any:
+def _check_block(block: Any, n: int, ignore: int | None, where: tuple[str, str]) -> Any:
     """One NumPy block of Dask targets, checked when the graph is computed."""
     bad = (block < 0) | (block >= n)
     if ignore is not None:
@@ -251,7 +320,15 @@ def _check_block(block: Any, n: int, ignore: int | None, where: tuple[int, str])
 
 
 def _check_indices(
-    xp: Any, t: Array, valid: Array | None, mask: Array | None, ax: int, n: int, x_name: str
+    xp: Any,
+    t: Array,
+    valid: Array | None,
+    mask: Array | None,
+    kept: Array | None,
+    ax: int,
+    label: str,
+    n: int,
+    x_name: str,
 ) -> None:
     if is_empty(tuple(t.shape)):
         return
@@ -260,9 +337,9 @@ def _check_indices(
         bad = bad & valid  # ignored samples hold 0 here, out of range only when n == 0
     if bool(xp.any(bad)):  # one device sync on the way that succeeds
         lo, hi = int(xp.min(t)), int(xp.max(t))
-        raise _range_error(lo if lo < 0 else hi, n, ax, x_name)
+        raise _range_error(lo if lo < 0 else hi, n, label, x_name)
     if mask is not None:
-        hit = pick(xp, mask, t, ax)
+        hit = pick(xp, mask, t, ax) | ~kept  # a fully masked sample is left out, not an error
         if valid is not None:
             hit = hit | ~valid
         if not bool(xp.all(hit)):
@@ -320,9 +397,9 @@ def _start(op, logits, targets, axis, reduction, label_smoothing, ignore_index, 
 
 # fmt: off
 def cross_entropy(
-    logits: Array, targets: Array, /, axis: int = -1, *, reduction: str = "mean",
-    label_smoothing: float = 0.0, ignore_index: int | None = None, where: Array | None = None,
-    weight: Array | None = None,
+    logits: Array, targets: Array, /, axis: int | tuple[int, ...] = -1, *,
+    reduction: str = "mean", label_smoothing: float = 0.0, ignore_index: int | None = None,
+    where: Array | None = None, weight: Array | None = None,
 ) -> Array:
     # fmt: on
     r"""Cross-entropy between ``softmax(logits)`` and targets, computed from the logits.
@@ -341,17 +418,23 @@ def cross_entropy(
         Unnormalized scores, classes along ``axis``. Integer input promotes to the default
         floating dtype; float16 is computed in float32 and rounded once.
     targets : array
-        Either class indices, an integer array of ``logits``' shape without ``axis`` (no one-hot
-        matrix is formed), or probabilities, a real floating array of ``logits``' shape (the
-        result dtype is then ``result_type(logits, targets)``).
-    axis : int, optional
+        Either class indices, an integer array of ``logits``' shape without ``axis`` exactly (no
+        one-hot matrix is formed), or probabilities, a real floating array of ``logits``' shape
+        or broadcastable to it, as in TensorFlow's ``softmax_cross_entropy_with_logits`` (one
+        distribution of shape ``(n,)`` for every sample, say; the result dtype is then
+        ``result_type(logits, targets)``).
+    axis : int or tuple of ints, optional
         The class axis (default ``-1``). torch's class axis is 1: ``cross_entropy(x, t, 1)``
-        equals ``torch.nn.functional.cross_entropy(x, t)``.
+        equals ``torch.nn.functional.cross_entropy(x, t)``. A tuple of axes, as optax's
+        ``axis=(1, 2)``: the classes are the flattened product of those axes (C order over the
+        axes in increasing order), index targets have ``logits``' shape without all of them and
+        index that flattened class space, ``weight`` has one entry per flattened class.
     reduction : {"mean", "sum", "none"}, optional
         ``"none"``: one loss per sample (``logits``' shape without ``axis``); ``"sum"``: their
-        sum; ``"mean"`` (default): the sum divided by the number of non-ignored samples for index
-        targets (NaN when all are ignored, as in torch), by the number of samples for
-        probability targets.
+        sum; ``"mean"`` (default): the sum divided by the number of counted samples, those not
+        ignored (``ignore_index``) and not fully masked (``where``); NaN when none counts, as
+        in torch when all are ignored. With class weights and index targets, the divisor is
+        the sum of ``weight[t]`` over the counted samples.
     label_smoothing : float, optional
         In ``[0, 1]``; mixes the target distribution with the uniform one, as torch does for
         both kinds of targets.
@@ -360,12 +443,17 @@ def cross_entropy(
         the mean. ``None`` (default) ignores nothing; pass ``-100`` for torch's default. Only for
         index targets (``ValueError`` with probability targets).
     where : array of bool, optional
-        Broadcastable to ``logits``: classes where it is False are left out, as in
+        Per class, broadcastable to ``logits``: classes where it is False are left out, as in
         :func:`~xpsoftmax.softmax`. The loss is that of the sample restricted to its unmasked
         classes: they take no part in the normalization, probability targets on them are
         dropped, label smoothing spreads over the unmasked classes only (``n`` is their count),
         and their gradient is exactly 0. An index target on a masked class raises
-        ``ValueError``.
+        ``ValueError``. Or per sample, as optax's: of the loss's shape (``logits``' shape without
+        ``axis``) and *not* broadcastable to ``logits``, it is expanded along ``axis``, a False
+        masking every class of its sample. A shape that is both (``logits`` (4, 4), ``where``
+        (4,)) is per class; pass ``xp.expand_dims(where, axis=axis)`` to mean per sample. A
+        sample with every class masked, either way, contributes 0 loss and 0 gradient and is
+        left out of ``"mean"``, whatever its target.
     weight : array, optional
         Class weights, as torch's ``weight=``: a 1-D real floating array of ``logits``'
         namespace with one entry per class. Each class term of the loss is multiplied by its
@@ -398,6 +486,11 @@ def cross_entropy(
     backward of autograd is the fused gradient kernel); other cases take the generic path. Rows of
     logits with ``+inf``, ``-inf`` or NaN follow :func:`~xpsoftmax.log_softmax`.
 
+    torch has no ``where``; a fully masked sample is 0 as in optax (which has no reduction) and
+    is left out of ``"mean"`` as torch leaves out ignored samples, so that masking a sample
+    equals dropping it. torch wants probability targets of the logits' shape; here they
+    broadcast, as in TensorFlow, so one shared distribution need not be copied per sample.
+
     Examples
     --------
     >>> import numpy as np
@@ -413,20 +506,31 @@ def cross_entropy(
     return backends.run(p)
 
 
+#: What :func:`cross_entropy_backward` differentiates with respect to.
+WRT = ("logits", "targets")
+
+
 # fmt: off
 def cross_entropy_backward(
-    logits: Array, targets: Array, /, axis: int = -1, *, reduction: str = "mean",
-    label_smoothing: float = 0.0, ignore_index: int | None = None, where: Array | None = None,
-    weight: Array | None = None, dloss: Array | float | None = None,
+    logits: Array, targets: Array, /, axis: int | tuple[int, ...] = -1, *,
+    reduction: str = "mean", label_smoothing: float = 0.0, ignore_index: int | None = None,
+    where: Array | None = None, weight: Array | None = None, dloss: Array | float | None = None,
+    wrt: str = "logits",
 ) -> Array:
     # fmt: on
-    r"""Gradient of :func:`cross_entropy` with respect to the logits.
+    r"""Gradient of :func:`cross_entropy` with respect to the logits (or the targets).
 
     With the same arguments as :func:`cross_entropy` it returns
     ``(softmax(logits) * sum(q) - q) * w``, ``q`` the sample's target distribution (``sum(q)``
     is 1 unless probability targets do not sum to 1) and ``w`` its weight: ``dloss`` (times
-    ``1 / count`` for ``"mean"``), 0 for ignored samples. It equals torch autograd's gradient of
-    :func:`torch.nn.functional.cross_entropy`.
+    ``1 / count`` for ``"mean"``), 0 for samples left out (ignored, fully masked). It equals
+    torch autograd's gradient of :func:`torch.nn.functional.cross_entropy`.
+
+    With ``wrt="targets"`` it returns the gradient with respect to probability targets,
+    ``-(1 - label_smoothing) * weight * ly * w`` for ``ly = log_softmax(logits, axis)``
+    (restricted to the unmasked classes), as torch autograd gives it for the ``target`` of
+    :func:`torch.nn.functional.cross_entropy` (and TensorFlow for the ``labels`` of
+    ``softmax_cross_entropy_with_logits`` v2).
 
     Parameters
     ----------
@@ -436,12 +540,24 @@ def cross_entropy_backward(
         The upstream gradient d(total)/d(loss): a scalar for ``"mean"`` and ``"sum"``, a scalar
         or an array of the per-sample loss shape for ``"none"``. ``None`` (default) is 1, the
         gradient of the loss itself (of its sum for ``"none"``).
+    wrt : {"logits", "targets"}, optional
+        What to differentiate with respect to: the logits (default), or the targets, which must
+        then be probabilities (class indices are not differentiable: ``ValueError``).
 
     Returns
     -------
     array
         ``d(loss)/d(logits)``: the namespace, device and shape of ``logits``, the dtype of the
-        :func:`cross_entropy` result. Masked classes and ignored samples get exactly 0.
+        :func:`cross_entropy` result; or for ``wrt="targets"`` ``d(loss)/d(targets)``, of the
+        shape of ``targets`` as given (summed over the axes they were broadcast along) and the
+        same dtype. Masked classes and samples left out get exactly 0 (also where ``ly`` is
+        ``-inf``).
+
+    Notes
+    -----
+    For ``wrt="targets"`` the result has the dtype of the loss, ``result_type(logits,
+    targets)``, where torch's ``target.grad`` has the targets' dtype: one dtype for both
+    gradients, as for the loss itself.
 
     Examples
     --------
@@ -450,9 +566,33 @@ def cross_entropy_backward(
     >>> g = xpsoftmax.cross_entropy_backward(np.zeros((1, 4)), np.array([1]))
     >>> g  # softmax minus one-hot, for the mean over one sample
     array([[ 0.25, -0.75,  0.25,  0.25]])
+    >>> xpsoftmax.cross_entropy_backward(np.zeros((1, 2)), np.array([[0.5, 0.5]]), wrt="targets")
+    array([[0.69314718, 0.69314718]])
     """
+    if not isinstance(wrt, str) or wrt not in WRT:
+        msg = f"wrt must be one of {', '.join(map(repr, WRT))}, got {wrt!r}"
+        raise ValueError(msg)
+    op = CROSS_ENTROPY_VJP if wrt == "logits" else CROSS_ENTROPY_TARGET_VJP
     p = _start(
-        CROSS_ENTROPY_VJP, logits, targets, axis, reduction, label_smoothing, ignore_index, where,
-        weight,
+        op, logits, targets, axis, reduction, label_smoothing, ignore_index, where, weight
     )
-    return backends.run(p.derive(dloss=check_dloss(p, dloss, p.reduction)))
+    if wrt == "logits":
+        return restore(p, backends.run(p.derive(dloss=check_dloss(p, dloss, p.reduction))))
+    if p.kind != "prob":
+        msg = (
+            "wrt='targets' needs probability targets (a real floating array); class indices "
+            "are not differentiable"
+        )
+        raise ValueError(msg)
+    g = restore(p, backends.run(p.derive(dloss=check_dloss(p, dloss, p.reduction))))
+    g = _sum_to(p.xp, g, tuple(np.shape(targets)))
+    return g if g.dtype == p.dtype else p.xp.astype(g, p.dtype)
+
+
+def _sum_to(xp: Any, g: Array, shape: tuple[int, ...]) -> Array:
+    """``g`` summed over the axes along which an array of ``shape`` was broadcast to it."""
+    lead = g.ndim - len(shape)
+    if lead:
+        g = xp.sum(g, axis=tuple(range(lead)))
+    axes = tuple(i for i, (d, e) in enumerate(zip(shape, g.shape, strict=True)) if d == 1 != e)
+    return xp.sum(g, axis=axes, keepdims=True) if axes else g

@@ -65,10 +65,12 @@ def kernel_dtype(dtype: Any, mode: str) -> bool:
 
 
 def xent_takes(call: XentCall) -> bool:
-    """Whether the fused cross-entropy kernels cover the call: index targets, the last axis, no
-    mask, no class weights (the other forms run generically, in every kernel mode)."""
+    """Whether the fused cross-entropy kernels cover the call: the loss or its gradient with
+    respect to the logits, index targets, the last axis, no mask (per class or per sample), no
+    class weights (the other forms run generically, in every kernel mode)."""
     return (
-        call.kind == "index"
+        call.op.kind in ("xent", "xent_vjp")
+        and call.kind == "index"
         and call.axis == call.x_in.ndim - 1
         and call.mask is None
         and call.weight is None

@@ -41,5 +41,7 @@ def run(call: Call | XentCall) -> Any:
         return cross_entropy.forward(call)
     if kind == "xent_vjp":
         return cross_entropy.backward(call)
+    if kind == "xent_target_vjp":
+        return cross_entropy.target_gradient(call)
     msg = f"the generic backend has no operation {call.op.name!r}"
     raise NotImplementedError(msg)

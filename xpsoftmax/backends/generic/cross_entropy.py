@@ -34,6 +34,7 @@ __all__ = [
     "reduce",
     "sample_losses",
     "sample_weights",
+    "target_gradient",
 ]
 
 
@@ -58,6 +59,19 @@ def backward(p: XentCall) -> Array:
     dx = run(lsm.derive(op=LOG_SOFTMAX_VJP, arrays=(ly, g)))
     dx = _zero_ignored(p, dx)
     return dx if dx.dtype == p.dtype else p.xp.astype(dx, p.dtype)
+
+
+def target_gradient(p: XentCall) -> Array:
+    """d(loss)/d(targets) of :data:`~xpsoftmax._call.CROSS_ENTROPY_TARGET_VJP` (probability
+    targets): ``-(1 - eps) * weight * ly`` times each sample's weight, in the compute dtype (the
+    public function sums it over broadcast targets before rounding). Masked classes and samples
+    left out get exactly 0, not the NaN of ``0 * -inf``."""
+    xp = p.xp
+    # Masked first: a fully masked sample is then all 0 (its weight is 0 too), and no 0 * -inf
+    # is formed (Dask would warn about it when it computes, outside our errstate).
+    ly = masked(xp, run(_log_softmax_call(p)), p.mask)
+    w = xp.expand_dims(sample_weights(p, p.reduction, p.dloss), axis=p.axis)
+    return 0.0 - ((1.0 - p.eps) * w) * _weighted(p, ly)  # +0 (not -0) where ly is 0
 
 
 def pick(xp: Any, a: Array, t: Array, ax: int) -> Array:
@@ -111,7 +125,8 @@ def _soft_targets(p: XentCall, eps: float) -> Array:
 
 
 def sample_losses(p: XentCall, ly: Array, eps: float) -> Array:
-    """``-sum(q * ly)`` for each sample (compute dtype); 0 for ignored samples.
+    """``-sum(q * ly)`` for each sample (compute dtype); 0 for the samples left out (ignored,
+    or with every class masked).
 
     A target probability of 0 contributes 0, also where ``ly`` is ``-inf`` (masked classes).
     """
@@ -119,6 +134,8 @@ def sample_losses(p: XentCall, ly: Array, eps: float) -> Array:
     if p.kind == "index":
         loss = -pick(xp, ly, p.targets, p.axis)
         if p.weight is not None:
+            if p.valid is not None:  # (a fully masked sample picks -inf, and its weight is 0)
+                loss = xp.where(p.valid, loss, xp.zeros_like(loss))
             loss = loss * _target_weights(p)
         if eps:
             smooth = -xp.sum(_weighted(p, masked(xp, ly, p.mask)) * _uniform(p, 1.0), axis=p.axis)
@@ -127,12 +144,14 @@ def sample_losses(p: XentCall, ly: Array, eps: float) -> Array:
             loss = xp.where(p.valid, loss, xp.zeros_like(loss))
         return loss
     q = _soft_targets(p, eps)
-    return -xp.sum(q * xp.where(q == 0, xp.zeros_like(ly), ly), axis=p.axis)
+    loss = -xp.sum(q * xp.where(q == 0, xp.zeros_like(ly), ly), axis=p.axis)
+    return loss if p.valid is None else xp.where(p.valid, loss, xp.zeros_like(loss))
 
 
 def _n_samples(p: XentCall) -> Array | float:
-    """The divisor of reduction "mean": non-ignored samples for index targets (an array), else
-    all samples (a number); with class weights, the sum of the targets' weights (as torch)."""
+    """The divisor of reduction "mean": the counted samples (not ignored, not fully masked: an
+    array), else all samples (a number); for index targets with class weights, the sum of the
+    counted targets' weights (as torch)."""
     xp = p.xp
     if p.weight is not None and p.kind == "index":
         return xp.sum(_target_weights(p))
@@ -166,7 +185,7 @@ def reduce(p: XentCall, loss: Array, reduction: str) -> Array:
 
 
 def sample_weights(p: XentCall, reduction: str, dloss: Array | float) -> Array:
-    """d(loss)/d(sample loss) for every sample (compute dtype); 0 for ignored samples."""
+    """d(loss)/d(sample loss) for every sample (compute dtype); 0 for samples left out."""
     xp = p.xp
     w = dloss
     if isinstance(w, float):

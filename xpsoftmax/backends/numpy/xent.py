@@ -25,9 +25,12 @@ __all__ = ["run", "takes"]
 
 
 def takes(call: XentCall) -> bool:
+    """The loss or its logits gradient, index targets along the last axis, no mask (per class
+    or per sample: a fully masked sample is left out), no class weights, float32/64."""
     x = call.x_in
     return (
-        call.kind == "index"
+        call.op.kind in ("xent", "xent_vjp")
+        and call.kind == "index"
         and call.mask is None
         and getattr(call, "weight", None) is None
         and type(x) is np.ndarray
