@@ -211,6 +211,7 @@ class XentCall:
     layout: tuple[tuple[int, ...], tuple[int, ...]] | None = None
     empty = False  # the backends handle empty inputs themselves
     out = None  # cross-entropy has no out=
+    cast = False  # nor dtype=
 
     @functools.cached_property
     def x(self) -> Array:
