@@ -393,7 +393,7 @@ def test_fused_cross_entropy_special_rows(monkeypatch, eps, rng):
 
 def test_fused_cross_entropy_tuple_axes_and_generic_forms(monkeypatch, rng):
     """Two class axes reach the fused kernels as one flattened last axis (and match torch); a
-    per-sample mask and the gradient with respect to targets stay in the generic code."""
+    per-class mask and the gradient with respect to targets stay in the generic code."""
     torch = pytest.importorskip("torch")
     calls = _xent_spy(monkeypatch)
     x = rng.standard_normal((3, 4, 2, 5))
@@ -408,10 +408,71 @@ def test_fused_cross_entropy_tuple_axes_and_generic_forms(monkeypatch, rng):
     xp_assert_close(xpsoftmax.cross_entropy_backward(x, t, (1, 2), **kw), ref_dx.numpy())
     assert sorted(set(calls)) == ["xent_grad_rows", "xent_rows"]
     del calls[:]
-    y, s = rng.standard_normal((6, 5)), rng.integers(0, 5, 6)
-    xpsoftmax.cross_entropy(y, s, where=np.array([True, False, True, True, True, True]))
+    y, s = rng.standard_normal((6, 5)), rng.integers(0, 4, 6)
+    xpsoftmax.cross_entropy(y, s, where=np.array([True, True, True, True, False]))  # classes
     xpsoftmax.cross_entropy_backward(y, np.full((6, 5), 0.2), wrt="targets")
     assert calls == []
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("eps", [0.0, 0.2])
+@pytest.mark.parametrize("rows", [11, 2500])  # 2500 x 100: the thread pool and several tasks
+def test_fused_cross_entropy_weights_and_per_sample_masks(
+    monkeypatch, dtype, reduction, eps, rows, rng
+):
+    """Class weights and per-sample masks (optax) run the fused kernels (checked with a spy);
+    loss and gradient match torch autograd in float64 on the samples the mask keeps (a masked
+    sample: 0 loss, 0 gradient, left out of the mean, as an ignored one)."""
+    torch = pytest.importorskip("torch")
+    calls = _xent_spy(monkeypatch)
+    n = 100
+    x = (3 * rng.standard_normal((rows, n))).astype(dtype)
+    t = rng.integers(0, n, rows)
+    t[::9] = -100
+    w = rng.uniform(0.1, 2.0, n).astype(dtype)
+    keep = rng.random(rows) > 0.2
+    dloss = rng.standard_normal(rows) if reduction == "none" else 0.7
+    kw = {"reduction": reduction, "label_smoothing": eps, "ignore_index": -100}
+    xt = torch.asarray(x.astype(np.float64), requires_grad=True)
+    tt = torch.asarray(np.where(keep, t, -100))
+    ref = torch.nn.functional.cross_entropy(
+        xt, tt, weight=torch.asarray(w.astype(np.float64)), **kw
+    )
+    (ref_dx,) = torch.autograd.grad(ref, xt, torch.asarray(np.asarray(dloss, np.float64)))
+    loss = xpsoftmax.cross_entropy(x, t, weight=w, where=keep, **kw)
+    dx = xpsoftmax.cross_entropy_backward(x, t, weight=w, where=keep, dloss=dloss, **kw)
+    assert sorted(set(calls)) == ["xent_grad_rows", "xent_rows"]
+    tol = {"rtol": 2e-5, "atol": 1e-6} if dtype == "float32" else {"rtol": 1e-12, "atol": 1e-14}
+    xp_assert_close(loss, ref.detach().numpy().astype(dtype), **tol)
+    xp_assert_close(dx, ref_dx.numpy().astype(dtype), **tol)
+    assert np.all(dx[~keep] == 0)
+
+
+def test_fused_weighted_cross_entropy_special_rows_as_the_generic_code(monkeypatch):
+    """+inf, -inf and NaN logits with class weights: the fused kernels give the generic code's
+    values (its limits, tested against float64 math in test_cross_entropy.py)."""
+    n = 4
+    x = np.array(
+        [
+            [np.inf, 0.0, 1.0, 2.0],
+            [np.inf, np.inf, 0.0, 1.0],
+            [-np.inf, 0.0, 1.0, 2.0],
+            [np.nan, 0.0, 1.0, 2.0],
+            [1.0, 2.0, 3.0, 4.0],
+        ]
+    )
+    t = np.array([0, 2, 1, 1, 3])
+    w = np.array([0.5, 2.0, 1.0, 3.0])
+    for eps in (0.0, 0.1):
+        kw = {"reduction": "none", "label_smoothing": eps, "weight": w}
+        fused = xpsoftmax.cross_entropy(x, t, **kw), xpsoftmax.cross_entropy_backward(x, t, **kw)
+        monkeypatch.setenv("XPSOFTMAX_CPU", "numpy")  # the generic code
+        generic = xpsoftmax.cross_entropy(x, t, **kw), xpsoftmax.cross_entropy_backward(x, t, **kw)
+        monkeypatch.delenv("XPSOFTMAX_CPU")
+        xp_assert_close(fused[0], generic[0], rtol=1e-12, atol=0)
+        xp_assert_close(fused[1], generic[1], rtol=1e-12, atol=1e-15)
+    assert n == x.shape[1]
 
 
 def test_cross_entropy_takes_the_generic_code_on_the_numpy_path(monkeypatch, rng):

@@ -112,7 +112,10 @@ def _weighted(p: XentCall, a: Array) -> Array:
 def _target_weights(p: XentCall) -> Array:
     """``weight[t]`` of each sample's class index (index targets with weights); 0 if ignored."""
     xp = p.xp
-    wt = pick(xp, _weighted(p, xp.ones_like(p.x)), p.targets, p.axis)
+    # (the weights broadcast along the samples: a view, not an array of the input's size)
+    shape = tuple(-1 if i == p.axis else 1 for i in range(p.x_in.ndim))
+    full = xp.broadcast_to(xp.reshape(p.weight, shape), tuple(p.x_in.shape))
+    wt = pick(xp, full, p.targets, p.axis)
     return wt if p.valid is None else xp.where(p.valid, wt, xp.zeros_like(wt))
 
 

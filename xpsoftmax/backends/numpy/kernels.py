@@ -731,10 +731,15 @@ def lse_grad_cols(x, sx0, sx1, mk, sm0, sm1, masked, lse, dl, sl, out, so0, so1,
 
 
 @numba.njit(fastmath=_FLAGS, **_JIT)
-def xent_rows(x, sx, t, r0, r1, n, eps, loss):
-    """``loss[i]`` = ``-(1 - eps) ly[t[i]] - eps mean(ly)`` of rows ``r0 <= i < r1`` (``ly`` the
-    log-softmax of the row, as :func:`forward_rows` defines it)."""
+def xent_rows(x, sx, t, wc, weighted, r0, r1, n, eps, loss):
+    """``loss[i]`` = ``-(1 - eps) W[t] ly[t] - eps / n sum_c W_c ly_c`` of rows
+    ``r0 <= i < r1`` (``ly`` the log-softmax of the row, as :func:`forward_rows` defines it;
+    ``W`` the class weights ``wc`` when ``weighted``, else 1)."""
     zero = _like(x[0], 0.0)
+    wsum = 0.0
+    if weighted:
+        for j in range(n):
+            wsum += wc[j]
     for i in range(r0, r1):
         xr = x[i * sx : i * sx + n]
         m = _like(x[0], -np.inf)
@@ -746,26 +751,38 @@ def xent_rows(x, sx, t, r0, r1, n, eps, loss):
             j1 = min(j0 + _CHUNK, n)
             xc = xr[j0:j1]
             c, cz = zero, zero
-            for j in range(j1 - j0):
-                z = _shifted(xc[j], shift, inf_row)
-                c += _exp(z)
-                cz += z
+            if weighted:
+                wcc = wc[j0:j1]
+                for j in range(j1 - j0):
+                    z = _shifted(xc[j], shift, inf_row)
+                    c += _exp(z)
+                    cz += wcc[j] * z
+            else:
+                for j in range(j1 - j0):
+                    z = _shifted(xc[j], shift, inf_row)
+                    c += _exp(z)
+                    cz += z
             total += c
             zsum += cz
         ls = np.log(_like(m, total))
         picked = _shifted(xr[t[i]], shift, inf_row) - ls
-        r = -picked
+        r = -picked * wc[t[i]] if weighted else -picked
         if eps != 0:
-            mean = (_like(m, zsum) - n * ls) / n
+            mean = (_like(m, zsum) - (wsum if weighted else n) * ls) / n
             r = (1 - eps) * r - eps * mean
         loss[i] = r
 
 
 @numba.njit(fastmath=_FLAGS, **_JIT)
-def xent_grad_rows(x, sx, t, w, r0, r1, n, eps, out, so):
-    """``out[i, j]`` = ``w[i] (softmax_j - q_j)``, ``q`` the one-hot of ``t[i]`` mixed with the
-    uniform distribution by ``eps``: d(loss)/d(logits) of rows ``r0 <= i < r1``."""
+def xent_grad_rows(x, sx, t, w, wc, weighted, r0, r1, n, eps, out, so):
+    """``out[i, j]`` = ``w[i] (softmax_j S - q_j W_j)``, ``q`` the one-hot of ``t[i]`` mixed
+    with the uniform distribution by ``eps``, ``W`` the class weights ``wc`` when ``weighted``
+    (else 1) and ``S = sum_c q_c W_c``: d(loss)/d(logits) of rows ``r0 <= i < r1``."""
     zero = _like(x[0], 0.0)
+    wsum = 0.0
+    if weighted:
+        for j in range(n):
+            wsum += wc[j]
     for i in range(r0, r1):
         xr, orow = x[i * sx : i * sx + n], out[i * so : i * so + n]
         m = _like(x[0], -np.inf)
@@ -783,8 +800,17 @@ def xent_grad_rows(x, sx, t, w, r0, r1, n, eps, out, so):
                 c += e
             total += c
         wi = _like(zero, w[i])
-        scale = wi / _like(zero, total)
-        off = _like(zero, wi * eps / n)
-        for j in range(n):
-            orow[j] = orow[j] * scale - off
-        orow[t[i]] -= _like(zero, wi * (1 - eps))
+        if weighted:
+            wt = wc[t[i]]
+            s = (1 - eps) * wt + eps / n * wsum
+            scale = _like(zero, wi * s) / _like(zero, total)
+            off = _like(zero, wi * eps / n)
+            for j in range(n):
+                orow[j] = orow[j] * scale - off * wc[j]
+            orow[t[i]] -= _like(zero, wi * (1 - eps) * wt)
+        else:
+            scale = wi / _like(zero, total)
+            off = _like(zero, wi * eps / n)
+            for j in range(n):
+                orow[j] = orow[j] * scale - off
+            orow[t[i]] -= _like(zero, wi * (1 - eps))

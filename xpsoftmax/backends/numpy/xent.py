@@ -1,12 +1,13 @@
 """Fused cross-entropy on NumPy: the per-sample losses, or the gradient, in one kernel per row.
 
 Taken here (see :func:`takes`): class-index targets along the last axis of a float32/float64
-ndarray, without a mask, on the compiled CPU path. The kernels (``kernels.xent_rows``,
-``kernels.xent_grad_rows``) read each row for its statistics and write only the losses (or the
-gradient), where the generic code writes the whole log-softmax first and reads it back. What
-surrounds them (ignored samples, the reduction, the per-sample weights of the backward) is the
-generic backend's own code, so the two cannot drift apart. Everything else takes the generic
-backend, whose log-softmax sub-call comes back to the NumPy backend.
+ndarray, with or without class weights, without a mask or with a per-sample one (whose fully
+masked samples the call's ``valid`` leaves out), on the compiled CPU path. The kernels
+(``kernels.xent_rows``, ``kernels.xent_grad_rows``) read each row for its statistics and write
+only the losses (or the gradient), where the generic code writes the whole log-softmax first
+and reads it back. What surrounds them (ignored samples, the reduction, the per-sample weights
+of the backward) is the generic backend's own code, so the two cannot drift apart. Everything
+else takes the generic backend, whose log-softmax sub-call comes back to the NumPy backend.
 """
 
 from __future__ import annotations
@@ -24,15 +25,22 @@ Array = Any
 __all__ = ["run", "takes"]
 
 
+def _per_sample(mask: Array | None) -> bool:
+    """No mask, or one that is the same along the class axis (a per-sample ``where``, broadcast
+    along the last axis): its fully masked samples are already left out through ``valid``."""
+    return mask is None or (type(mask) is np.ndarray and mask.strides[-1] == 0)
+
+
 def takes(call: XentCall) -> bool:
-    """The loss or its logits gradient, index targets along the last axis, no mask (per class
-    or per sample: a fully masked sample is left out), no class weights, float32/64."""
+    """The loss or its logits gradient, index targets along the last axis of float32/64, class
+    weights or not, no mask or a per-sample one (not a per-class mask)."""
     x = call.x_in
+    w = call.weight
     return (
         call.op.kind in ("xent", "xent_vjp")
         and call.kind == "index"
-        and call.mask is None
-        and getattr(call, "weight", None) is None
+        and _per_sample(call.mask)
+        and (w is None or (type(w) is np.ndarray and w.dtype == x.dtype))
         and type(x) is np.ndarray
         and x.dtype.char in "fd"
         and x.ndim >= 1
@@ -71,6 +79,9 @@ def run(call: XentCall) -> Array:
     dtype = call.x_in.dtype
     threads = _config.num_threads()
     eps = float(call.eps)
+    weighted = call.weight is not None
+    wc = np.ascontiguousarray(call.weight) if weighted else np.ones(1, dtype=dtype)
+    wc.flags.writeable = False
     if call.op.kind == "xent":
         loss = np.empty(rows, dtype=dtype)
         _tasks(
@@ -78,7 +89,7 @@ def run(call: XentCall) -> Array:
             n,
             dtype.itemsize,
             threads,
-            lambda r0, r1: kernels.xent_rows(x, n, t, r0, r1, n, eps, loss),
+            lambda r0, r1: kernels.xent_rows(x, n, t, wc, weighted, r0, r1, n, eps, loss),
         )
         loss = loss.reshape(call.loss_shape)
         if call.valid is not None:
@@ -94,7 +105,7 @@ def run(call: XentCall) -> Array:
         n,
         dtype.itemsize,
         threads,
-        lambda r0, r1: kernels.xent_grad_rows(x, n, t, w, r0, r1, n, eps, flat, n),
+        lambda r0, r1: kernels.xent_grad_rows(x, n, t, w, wc, weighted, r0, r1, n, eps, flat, n),
     )
     if call.valid is not None:
         out[~call.valid] = 0
