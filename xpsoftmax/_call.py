@@ -124,11 +124,7 @@ class Call:
     def shape(self) -> tuple[Any, ...]:
         """The result's shape: the input's, or for ``logsumexp`` the reduced one."""
         shape = tuple(self.x.shape)
-        if self.op.kind != "lse":
-            return shape
-        if self.keepdims:
-            return tuple(1 if i in self.axes else d for i, d in enumerate(shape))
-        return tuple(d for i, d in enumerate(shape) if i not in self.axes)
+        return shape if self.op.kind != "lse" else reduced(shape, self.axes, self.keepdims)
 
     @property
     def x(self) -> Array:
@@ -364,6 +360,14 @@ def _broadcasts_to(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
     return len(a) <= len(b) and all(p in (1, q) or not (_known(p) and _known(q)) for p, q in pairs)
 
 
+def expand_axes(xp: Any, a: Array, axes: tuple[int, ...]) -> Array:
+    """``a`` with a size-1 axis inserted at each of ``axes`` (sorted: each lands where it is in
+    the full shape); ``expand_dims``, not ``reshape``, so unknown Dask sizes are fine."""
+    for ax in axes:
+        a = xp.expand_dims(a, axis=ax)
+    return a
+
+
 def mask(xp: Any, x: Array, where: Any) -> Array | None:
     """``where`` checked (boolean, broadcastable to ``x``) and broadcast to ``x``'s shape."""
     if where is None:
@@ -452,8 +456,8 @@ def validate(
     ``arrays`` pairs each array argument with its name (for the messages); all must come from
     one library and have one shape. The arrays come back in the result dtype, except when
     ``dtype=`` asks for an exact upcast of inputs of one dtype: then they keep their dtype and
-    ``cast`` is True (see :attr:`Call.cast`). ``out_shape`` (a function of the input's shape)
-    is the result's shape where it differs from the input's.
+    ``cast`` is True (see :attr:`Call.cast`). ``out_shape(shape, axes)`` gives the result's
+    shape from the input's where they differ.
     """
     (x, x_name), *rest = arrays
     xp, x = namespace(x, x_name)
@@ -478,7 +482,7 @@ def validate(
         items = [a if a.dtype == rtype else xp.astype(a, rtype) for a in items]
     axes = normalize_axes(axis, x.ndim)
     m = mask(xp, x, where)
-    shape = tuple(x.shape) if out_shape is None else out_shape(axes)
+    shape = tuple(x.shape) if out_shape is None else out_shape(tuple(x.shape), axes)
     _check_out(xp, out, shape, rtype, x)
     return xp, tuple(items), axes, m, rtype, cast
 
@@ -530,7 +534,8 @@ def make_call(
     return Call(op, xp, items, axes, m, out, rtype, _config.get_kernels(), empty, cast=cast)
 
 
-def _reduced(shape: tuple[Any, ...], axes: tuple[int, ...], keepdims: bool) -> tuple[Any, ...]:
+def reduced(shape: tuple[Any, ...], axes: tuple[int, ...], keepdims: bool) -> tuple[Any, ...]:
+    """``shape`` reduced along ``axes``: those axes dropped, or kept as size 1."""
     if keepdims:
         return tuple(1 if i in axes else d for i, d in enumerate(shape))
     return tuple(d for i, d in enumerate(shape) if i not in axes)
@@ -542,9 +547,8 @@ def make_lse_call(x: Any, axis: Axis, where: Any, keepdims: Any, out: Any) -> Ca
         msg = f"keepdims must be a bool, got {keepdims!r}"
         raise TypeError(msg)
     keep = bool(keepdims)
-    shape = tuple(getattr(x, "shape", np.shape(x)))
     xp, items, axes, m, rtype, _ = validate(
-        ((x, "x"),), axis, where, out, out_shape=lambda axes: _reduced(shape, axes, keep)
+        ((x, "x"),), axis, where, out, out_shape=lambda shape, axes: reduced(shape, axes, keep)
     )
     empty = is_empty(tuple(items[0].shape))
     mode = _config.get_kernels()
@@ -557,14 +561,13 @@ def make_lse_vjp_call(x: Any, lse: Any, dl: Any, axis: Axis, where: Any, out: An
     xp, x = namespace(x, "x")
     axes = normalize_axes(axis, x.ndim)
     shape = tuple(x.shape)
-    kept, dropped = _reduced(shape, axes, True), _reduced(shape, axes, False)
+    kept, dropped = reduced(shape, axes, True), reduced(shape, axes, False)
     pair = []
     for a, name in ((lse, "lse"), (dl, "dl")):
         a = same_namespace(xp, x, "x", a, name)
         a_shape = tuple(a.shape)
         if _same_shape(a_shape, dropped) and not _same_shape(a_shape, kept):
-            for ax in axes:  # (expand_dims, not reshape: Dask sizes may be unknown)
-                a = xp.expand_dims(a, axis=ax)
+            a = expand_axes(xp, a, axes)
         elif not _same_shape(a_shape, kept):
             msg = (
                 f"{name} must have the shape of logsumexp(x, axis), {dropped} (or {kept} with "

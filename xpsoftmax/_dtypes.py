@@ -72,9 +72,11 @@ def np_compute_dtype(dtype: np.dtype) -> np.dtype:
     """:func:`compute_dtype` for a NumPy dtype of the table, or ``ml_dtypes.bfloat16`` (no
     namespace needed)."""
     ct = _NP_COMPUTE.get(dtype)
-    if ct is None and dtype.name == "bfloat16":
+    if ct is not None:
+        return ct
+    if dtype.name == "bfloat16":
         return _FLOAT32
-    return _NP_COMPUTE[dtype] if ct is None else ct
+    raise KeyError(dtype)
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:

@@ -25,6 +25,7 @@ from .._call import (
     XentCall,
     _broadcasts_to,
     _same_shape,
+    expand_axes,
     float_dtype,
     is_empty,
     mask,
@@ -270,8 +271,7 @@ def _xent_mask(
                     f"{x_shape} nor has the per-sample loss shape {loss_shape}"
                 )
                 raise ValueError(msg)
-            for ax in axes:  # (increasing: each lands where it is in x)
-                where = xp.expand_dims(where, axis=ax)
+            where = expand_axes(xp, where, axes)
     return mask(xp, x, where)
 
 

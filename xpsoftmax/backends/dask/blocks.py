@@ -17,6 +17,7 @@ import numpy as np
 from ... import _compat
 from ..._call import Op
 from ..._dtypes import compute_dtype
+from ..generic import softmax as generic
 
 #: The fields of the forward statistics, along their last axis.
 MAX, SUMEXP, N_INF, N_KEPT = range(4)
@@ -164,17 +165,8 @@ def lse_block(stats: Any, *, rtype: Any) -> Any:
 
 
 def lse_grad_block(x: Any, lse: Any, dl: Any, n_inf: Any, mask: Any = None) -> Any:
-    """A block of the logsumexp VJP ``exp(x - lse) * dl``: the limit (``dl`` split over the
-    row's ``n_inf`` +inf entries) where ``lse`` is +inf, 0 at masked entries."""
+    """A block of the logsumexp VJP: the generic code's, with the row's ``n_inf`` +inf entries
+    counted over the whole row (by a reduction) rather than in the block."""
     xp = _compat.array_namespace(x)
     with np.errstate(all="ignore"):
-        xc = _kept(xp, x, mask, -math.inf)
-        ct = xc.dtype
-        lse, dl = xp.astype(lse, ct), xp.astype(dl, ct)
-        k = xp.astype(n_inf, ct)
-        limit = xp.where(xc == math.inf, 1.0 / xp.where(k == 0, xp.ones_like(k), k), 0.0)
-        p = xp.where(lse == math.inf, limit, xp.exp(xc - lse))
-        r = p * dl
-        if mask is not None:
-            r = xp.where(mask, r, xp.zeros_like(r))
-        return xp.astype(r, x.dtype, copy=False)
+        return generic.logsumexp_backward(xp, x, lse, dl, (), mask, n_inf)

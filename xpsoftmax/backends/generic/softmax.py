@@ -133,19 +133,30 @@ def logsumexp(
 
 
 def logsumexp_backward(
-    xp: Any, x: Array, lse: Array, dl: Array, axes: tuple[int, ...], mask: Array | None
+    xp: Any,
+    x: Array,
+    lse: Array,
+    dl: Array,
+    axes: tuple[int, ...],
+    mask: Array | None,
+    n_inf: Array | None = None,
 ) -> Array:
     """``exp(x - lse) * dl``, ``lse`` and ``dl`` with the reduced axes kept as size 1.
 
     A row whose logsumexp is ``+inf`` gets the limit of the gradient (the limit of softmax): the
     cotangent split evenly over its ``+inf`` entries, 0 elsewhere. Masked entries are exactly 0.
+    ``n_inf``, the rows' counts of unmasked ``+inf`` entries (keepdims), is counted along
+    ``axes`` unless given (a Dask block of a split row holds only part of it).
     """
     dtype = x.dtype
     x, lse, dl = _upcast(xp, x), _upcast(xp, lse), _upcast(xp, dl)
     is_inf = x == math.inf
     if mask is not None:
         is_inf = is_inf & mask
-    k = xp.sum(xp.astype(is_inf, x.dtype), axis=axes, keepdims=True)
+    if n_inf is None:
+        k = xp.sum(xp.astype(is_inf, x.dtype), axis=axes, keepdims=True)
+    else:
+        k = xp.astype(n_inf, x.dtype)
     limit = xp.where(is_inf, 1.0 / xp.where(k == 0, xp.ones_like(k), k), xp.zeros_like(x))
     p = xp.where(lse == math.inf, limit, xp.exp(x - lse))
     return _downcast(xp, masked(xp, p * dl, mask), dtype)

@@ -85,8 +85,8 @@ def _is_bfloat16(x: Any) -> bool:
 
 def takes(call: Call | XentCall) -> bool:
     """Row operations on arrays that ``blocked.takes`` accepts (float16/32/64 ndarrays...);
-    on the compiled path also softmin, logsumexp and its backward, ``dtype=`` upcasts, and the
-    cross-entropy calls that ``xent.takes`` accepts."""
+    on the compiled path also softmin, logsumexp and its backward, ``dtype=`` upcasts, bfloat16
+    arrays, and the cross-entropy calls that ``xent.takes`` accepts."""
     kind = call.op.kind
     if kind in _XENT_KINDS:
         if not _config.numpy_fast() or _implementation() is blocked:
@@ -94,44 +94,69 @@ def takes(call: Call | XentCall) -> bool:
         from . import xent
 
         return xent.takes(call)  # type: ignore[arg-type]
-    if kind in _COMPILED_KINDS or call.cast or _is_bfloat16(call.x):  # type: ignore[union-attr]
-        if _implementation() is blocked or not (kind in _COMPILED_KINDS or kind in ROW_KINDS):
+    if kind in ROW_KINDS and not call.cast:  # type: ignore[union-attr]
+        if blocked.takes(call.arrays, call.axes, call.out):
+            return True  # (the common call: nothing more is asked of it)
+        if not _is_bfloat16(call.x):
             return False
-        x = call.x
-        dtypes = blocked._DTYPES | {x.dtype} if _is_bfloat16(x) else blocked._DTYPES
-        if kind == "lse_vjp":
-            return blocked.takes((x,), call.axes, call.out, dtypes) and all(
-                type(a) is np.ndarray and a.dtype == x.dtype for a in call.arrays[1:]
-            )
-        return blocked.takes(call.arrays, call.axes, call.out, dtypes)
-    return kind in ROW_KINDS and blocked.takes(call.arrays, call.axes, call.out)
+    elif kind not in _COMPILED_KINDS and not call.cast:  # type: ignore[union-attr]
+        return False
+    if _implementation() is blocked:
+        return False
+    x = call.x
+    dtypes = blocked._DTYPES | {x.dtype} if _is_bfloat16(x) else blocked._DTYPES
+    if kind == "lse_vjp":
+        return blocked.takes((x,), call.axes, call.out, dtypes) and all(
+            type(a) is np.ndarray and a.dtype == x.dtype for a in call.arrays[1:]
+        )
+    return blocked.takes(call.arrays, call.axes, call.out, dtypes)
+
+
+def _for_blocked(a: Array, dtype: np.dtype | None, neg: bool = False) -> Array:
+    """``a`` as the blocked code takes it: cast to ``dtype`` (``dtype=``), negated (softmin)."""
+    a = a if dtype is None else a.astype(dtype)
+    return -a if neg else a
 
 
 def forward(
-    x: Array, axes: tuple[int, ...], mask: Array | None, log: bool, out: Array | None
+    x: Array,
+    axes: tuple[int, ...],
+    mask: Array | None,
+    log: bool,
+    out: Array | None,
+    dtype: np.dtype | None = None,
+    neg: bool = False,
 ) -> Array:
     """softmax (``log=False``) or log-softmax of the ndarray ``x`` along ``axes`` (normalized,
-    non-empty), ``mask`` broadcast to ``x``'s shape or None, into ``out`` when given."""
+    non-empty), ``mask`` broadcast to ``x``'s shape or None, into ``out`` when given; of
+    ``-x`` with ``neg`` (softmin), in the wider ``dtype`` when given (``dtype=``)."""
     impl = _implementation()
     if impl is not blocked:
         try:
-            return impl.forward(x, axes, mask, log, out)
+            return impl.forward(x, axes, mask, log, out, dtype, neg)
         except _numba_errors() as exc:  # pragma: no cover (a numba that cannot compile)
             impl = _fallback(exc)
-    return blocked.forward(x, axes, mask, log, out)
+    return blocked.forward(_for_blocked(x, dtype, neg), axes, mask, log, out)
 
 
 def product(
-    y: Array, g: Array, axes: tuple[int, ...], mask: Array | None, kind: str, out: Array | None
+    y: Array,
+    g: Array,
+    axes: tuple[int, ...],
+    mask: Array | None,
+    kind: str,
+    out: Array | None,
+    dtype: np.dtype | None = None,
 ) -> Array:
     """The VJP/JVP product ``kind`` (``"softmax"``, ``"log_vjp"``, ``"log_jvp"``) of the forward
     output ``y`` and the cotangent or tangent ``g``; arguments as in :func:`forward`."""
     impl = _implementation()
     if impl is not blocked:
         try:
-            return impl.product(y, g, axes, mask, kind, out)
+            return impl.product(y, g, axes, mask, kind, out, dtype)
         except _numba_errors() as exc:  # pragma: no cover (a numba that cannot compile)
             impl = _fallback(exc)
+    y, g = _for_blocked(y, dtype), _for_blocked(g, dtype)
     return blocked.product(y, g, axes, mask, kind, out)
 
 
@@ -141,34 +166,19 @@ def _numba_errors() -> type[Exception]:
     return NumbaError
 
 
-def _compiled_run(call: Call) -> Any:
-    """softmin, logsumexp, its backward and ``dtype=`` upcasts: the compiled path only."""
-    kind, log = call.op.kind, call.op.log
-    impl = _implementation()
-    dtype = call.dtype if call.cast else None
-    if kind == "lse":
-        r = impl.logsumexp(call.x, call.axes, call.mask)
-        return np.reshape(r, call.shape) if call.keepdims else r
-    if kind == "lse_vjp":
-        return impl.logsumexp_backward(*call.arrays, call.axes, call.mask, call.out)
-    if kind in ("forward", "softmin"):
-        neg = kind == "softmin"
-        return impl.forward(call.x, call.axes, call.mask, log, call.out, dtype, neg)
-    product_kind = "softmax" if not log else "log_vjp" if kind == "vjp" else "log_jvp"
-    return impl.product(*call.arrays, call.axes, call.mask, product_kind, call.out, dtype)
-
-
 def run(call: Call | XentCall) -> Any:
     kind, log = call.op.kind, call.op.log
-    if kind in ROW_KINDS and _is_bfloat16(call.x):
-        return _compiled_run(call)  # type: ignore[arg-type]
     if kind in _XENT_KINDS:
         from . import xent
 
         return xent.run(call)  # type: ignore[arg-type]
-    if kind in _COMPILED_KINDS or call.cast:  # type: ignore[union-attr]
-        return _compiled_run(call)  # type: ignore[arg-type]
-    if kind == "forward":
-        return forward(call.x, call.axes, call.mask, log, call.out)
+    if kind == "lse":  # (logsumexp and its backward: the compiled path only, see takes)
+        r = _implementation().logsumexp(call.x, call.axes, call.mask)
+        return np.reshape(r, call.shape) if call.keepdims else r  # type: ignore[union-attr]
+    if kind == "lse_vjp":
+        return _implementation().logsumexp_backward(*call.arrays, call.axes, call.mask, call.out)
+    dtype = call.dtype if call.cast else None  # type: ignore[union-attr]
+    if kind in ("forward", "softmin"):
+        return forward(call.x, call.axes, call.mask, log, call.out, dtype, kind == "softmin")
     product_kind = "softmax" if not log else "log_vjp" if kind == "vjp" else "log_jvp"
-    return product(*call.arrays, call.axes, call.mask, product_kind, call.out)
+    return product(*call.arrays, call.axes, call.mask, product_kind, call.out, dtype)

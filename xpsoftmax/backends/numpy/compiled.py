@@ -55,6 +55,17 @@ class _Tasks:
     tile: int  # 3-D: inner columns per task (0 for 2-D)
     tiles: int  # 3-D: tiles per outer block
 
+    def span(self, t: int, total: int) -> tuple[int, int]:
+        """2-D: the rows ``[r0, r1)`` of task ``t`` out of ``total``."""
+        r0 = t * self.rows
+        return r0, min(r0 + self.rows, total)
+
+    def tile_of(self, t: int, outer: int, inner: int) -> tuple[int, int, int, int]:
+        """3-D: the outer slices ``[o0, o1)`` and inner columns ``[k0, k1)`` of task ``t``."""
+        ob, kb = divmod(t, self.tiles)
+        o0, k0 = ob * self.rows, kb * self.tile
+        return o0, min(o0 + self.rows, outer), k0, min(k0 + self.tile, inner)
+
 
 @functools.lru_cache(maxsize=256)
 def _tasks(shape: tuple[int, ...], e: int) -> _Tasks:
@@ -214,8 +225,7 @@ def forward(
         alias = c.aliases[0]
 
         def task(t: int) -> None:
-            r0 = t * plan.rows
-            r1 = min(r0 + plan.rows, xv.shape[0])
+            r0, r1 = plan.span(t, xv.shape[0])
             if not (staged or alias):
                 kernels.forward_rows(xf, xs[0], mk, ms[0], masked, ff, fs[0], r0, r1, n, log)
                 return
@@ -240,9 +250,7 @@ def forward(
         outer, n, inner = xv.shape
 
         def task(t: int) -> None:
-            ob, kb = divmod(t, plan.tiles)
-            o0, k0 = ob * plan.rows, kb * plan.tile
-            o1, k1 = min(o0 + plan.rows, outer), min(k0 + plan.tile, inner)
+            o0, o1, k0, k1 = plan.tile_of(t, outer, inner)
             if not staged:
                 kernels.forward_cols(xf, *xs, mk, *ms, masked, ff, *fs, o0, o1, k0, k1, n, log)
                 return
@@ -313,8 +321,7 @@ def product(
         alias = c.aliases[0] or c.aliases[1]
 
         def task(t: int) -> None:
-            r0 = t * plan.rows
-            r1 = min(r0 + plan.rows, yv.shape[0])
+            r0, r1 = plan.span(t, yv.shape[0])
             if not (half or alias):
                 kernels.product_rows(
                     yf, ys[0], gf, gs[0], mk, ms[0], masked, ff, fs[0], r0, r1, n, k
@@ -343,9 +350,7 @@ def product(
         outer, n, inner = yv.shape
 
         def task(t: int) -> None:
-            ob, kb = divmod(t, plan.tiles)
-            o0, k0 = ob * plan.rows, kb * plan.tile
-            o1, k1 = min(o0 + plan.rows, outer), min(k0 + plan.tile, inner)
+            o0, o1, k0, k1 = plan.tile_of(t, outer, inner)
             if not half:
                 kernels.product_cols(
                     yf, *ys, gf, *gs, mk, *ms, masked, ff, *fs, o0, o1, k0, k1, n, k
@@ -404,8 +409,7 @@ def logsumexp(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
         r = np.empty(rows, dtype=ct)
 
         def task(t: int) -> None:
-            r0 = t * plan.rows
-            r1 = min(r0 + plan.rows, rows)
+            r0, r1 = plan.span(t, rows)
             if not half:
                 kernels.lse_rows(xf, xs[0], mk, ms[0], masked, r, r0, r1, n)
                 return
@@ -420,9 +424,7 @@ def logsumexp(x: Array, axes: tuple[int, ...], mask: Array | None) -> Array:
         rf = r.reshape(-1)
 
         def task(t: int) -> None:
-            ob, kb = divmod(t, plan.tiles)
-            o0, k0 = ob * plan.rows, kb * plan.tile
-            o1, k1 = min(o0 + plan.rows, outer), min(k0 + plan.tile, inner)
+            o0, o1, k0, k1 = plan.tile_of(t, outer, inner)
             if not half:
                 kernels.lse_cols(xf, *xs, mk, *ms, masked, rf, inner, o0, o1, k0, k1, n)
                 return
@@ -466,8 +468,7 @@ def logsumexp_backward(
         rows, n = xv.shape
 
         def task(t: int) -> None:
-            r0 = t * plan.rows
-            r1 = min(r0 + plan.rows, rows)
+            r0, r1 = plan.span(t, rows)
             if not staged:
                 kernels.lse_grad_rows(xf, xs[0], mk, ms[0], masked, lv, dv, ff, fs[0], r0, r1, n)
                 return
@@ -496,9 +497,7 @@ def logsumexp_backward(
         lf, df = lv.reshape(-1), dv.reshape(-1)
 
         def task(t: int) -> None:
-            ob, kb = divmod(t, plan.tiles)
-            o0, k0 = ob * plan.rows, kb * plan.tile
-            o1, k1 = min(o0 + plan.rows, outer), min(k0 + plan.tile, inner)
+            o0, o1, k0, k1 = plan.tile_of(t, outer, inner)
             if not staged:
                 kernels.lse_grad_cols(
                     xf, *xs, mk, *ms, masked, lf, df, inner, ff, *fs, o0, o1, k0, k1, n
